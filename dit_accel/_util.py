@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -396,3 +397,57 @@ def file_error(path, flag: str, example: str) -> Optional[str]:
     if file is not None:
         return f"{flag} {path} lies under {file}, which is a file; choose another path"
     return None
+
+
+class NonFiniteConstant(str):
+    """A NaN, Infinity or -Infinity that Python's JSON parser took (JSON has none of them): the ``parse_constant`` of
+    :func:`dit_accel.atomic_files.read_json`, found again by :func:`non_finite_at`."""
+
+
+def non_finite_at(value, where: str = "") -> Optional[tuple]:
+    """``(constant, where)`` of the first :class:`NonFiniteConstant` in the JSON value ``value`` (where:
+    ``method.topk``, ``loss[3]``), or None."""
+    if isinstance(value, NonFiniteConstant):
+        return str(value), where or "the top level"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite_at(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where
+                              else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def is_lfs_pointer(path) -> bool:
+    """Whether ``path`` is a Git LFS pointer file (what a clone without git-lfs holds in place of a large file)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).startswith(b"version https://git-lfs.github.com/spec/")
+    except OSError:
+        return False
+
+
+_HUB_URL = re.compile(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?:models/)?", re.IGNORECASE)
+
+
+def near_hub_id(model: str, repo_id) -> Optional[tuple]:
+    """``(hub id, what differs)`` when ``model`` is a hub id (matching the pattern ``repo_id``) written otherwise:
+    with spaces around it, a trailing "/", as its web address, or with a subfolder after it; None when it is no such
+    thing, or its first part is a folder here (a mistyped local path). Said without the network."""
+    text, why = model.strip(), []
+    if text != model:
+        why.append("it has spaces around it")
+    if _HUB_URL.match(text):
+        text = _HUB_URL.sub("", text)
+        text = re.split(r"/(?:tree|blob|resolve)/", text, maxsplit=1)[0]
+        why.append("a hub id is owner/name, not its web address")
+    if text.endswith("/"):
+        text = text.rstrip("/")
+        why.append("a hub id has no trailing '/'")
+    parts = text.split("/")
+    if len(parts) > 2 and not text.startswith((".", "/", "~")):
+        text = "/".join(parts[:2])
+        why.append(f"{'/'.join(parts[2:])!r} is a folder inside the hub model: dit_accel loads the whole pipeline")
+    if not why or not repo_id.match(text) or text.startswith((".", "/", "~")) or Path(parts[0]).exists():
+        return None
+    return text, "; ".join(why)

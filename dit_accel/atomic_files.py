@@ -46,6 +46,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
 
+from ._util import NonFiniteConstant, is_lfs_pointer, non_finite_at
+
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "json_text", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "safetensors_keys", "safetensors_shapes", "temp_name", "is_temp_name",
            "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "BusyError", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "warn_unwritable_cache", "ENV_KILL_AT"]
@@ -655,14 +657,16 @@ def read_text(path: PathLike, *, what: str = "a UTF-8 text file") -> str:
                            what) from None
 
 
-def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = dict):
+def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = dict, finite: bool = True):
     """The JSON value of ``path``, which must be a ``kind`` (dict by default; None: any);
-    BadFileError for empty, truncated, binary or wrongly structured files."""
+    BadFileError for empty, truncated, binary or wrongly structured files, and, unless not ``finite``, for ``NaN``,
+    ``Infinity`` or ``-Infinity`` (no JSON; Python's parser took them, and a NaN setting ran as NaN), naming the key.
+    ``finite=False``: a record that may hold them as values (a loss that was NaN) reads them as floats."""
     text = read_text(path, what=expected)
     if not text.strip():
         raise BadFileError(path, "is empty", expected)
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=NonFiniteConstant if finite else None)
     except json.JSONDecodeError as err:
         # A string left open always runs to the end: the file stops inside it.
         truncated = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
@@ -673,6 +677,15 @@ def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = d
                            expected) from None
     except ValueError as err:  # (an integer of over 4300 digits: Python's own limit, a ValueError without the file)
         raise BadFileError(path, f"is not valid JSON ({' '.join(str(err).split())[:100]})", expected) from None
+    try:  # (a file without these words holds none: nothing to walk)
+        found = non_finite_at(value) if "NaN" in text or "Infinity" in text else None
+    except RecursionError:
+        raise BadFileError(path, "nests its arrays or objects too deeply to be read (thousands of levels)",
+                           expected) from None
+    if found is not None:
+        raise BadFileError(path, f"holds {found[0]} at {found[1]}, which is no JSON number "
+                                 "(JSON has no NaN or Infinity)", f"{expected}, with finite numbers: write a number "
+                                                                  "(or null) there, or write the file again")
     if kind is not None and not isinstance(value, kind):
         raise BadFileError(path, f"holds a JSON {type(value).__name__}", expected)
     return value
@@ -684,7 +697,7 @@ def read_entries(path: PathLike, *, expected: str, valid: Callable[[str, object]
     file, or entries with missing or wrong fields, are dropped with one ``warn`` naming the file (None: silent);
     ``again`` says what the caller then does instead (the self-check and autotune stores share this)."""
     try:
-        data = read_json(path, expected=expected)
+        data = read_json(path, expected=expected, finite=False)  # (dit_accel's own stores: their checks read them)
     except ValueError as err:
         if warn is not None:
             warn(f"dit_accel: {err}; ignoring it ({again})")
@@ -746,6 +759,10 @@ def _read_safetensors(path: PathLike, expected: str, read):
         raise BadFileError(path, "does not exist", expected)
     if path.stat().st_size == 0:
         raise BadFileError(path, "is empty", expected)
+    if is_lfs_pointer(path):  # (before: "header too large", which says nothing of what the file is)
+        raise BadFileError(path, "is a Git LFS pointer (a small text file naming the real file): the repository was "
+                                 "cloned without git-lfs", f"{expected}: run `git lfs pull` in the clone, or download "
+                                                           "it with `huggingface-cli download`")
     try:
         return read(str(path))
     except Exception as err:  # SafetensorError, OSError, ...: the library's reason, on one line

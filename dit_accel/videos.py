@@ -160,7 +160,7 @@ def _checked(frames, path, fps) -> tuple:
     fps = float(fps)  # (imageio-ffmpeg refuses numpy numbers)
     if not isinstance(path, (str, Path)) or not str(path):
         raise ValueError(f"path={path!r} is invalid: give a file path (.mp4, .gif, .png) or a folder path")
-    path = Path(path)
+    path = Path(path).expanduser()  # (before: "~/out.mp4" was written to a folder named "~" in the working one)
     suffix = path.suffix.lower()
     if suffix and suffix not in VIDEO_SUFFIXES:
         raise ValueError(
@@ -264,7 +264,7 @@ def load_video(path) -> np.ndarray:
     """
     if not isinstance(path, (str, Path)) or not str(path):
         raise ValueError(f"path={path!r} is invalid: give the path of a video (.mp4, .gif, .png) or a frame folder")
-    path = Path(path)
+    path = Path(path).expanduser()  # (as save_video writes it)
     suffix = path.suffix.lower()
     # a set a killed writer committed (save_video's PNG frames, generate's video + comparison + sidecar): finished,
     # or refused

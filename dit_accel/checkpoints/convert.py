@@ -85,7 +85,7 @@ class SplitCheckpoint:
 def read_checkpoint(path) -> Dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` (told by its content, whatever its name) or ``.pt``/``.pth`` (read with
     ``weights_only=True``) checkpoint, unwrapped from ``{"state_dict": ...}``-style containers (:func:`_unwrap`)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} is not a file")
     if path.suffix.lower() == ".safetensors" or _is_safetensors(path):
@@ -427,6 +427,10 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                                                                 or not os.fspath(value)):
             raise ValueError(f"{name}={value!r} is invalid: expected a path (str or pathlib.Path)"
                              + (", or None" if name == "transformer_2" else ""))
+    # (before: "~/out" was written to a folder named "~" in the working one, past the check of the home's folder
+    # for files that overwrite would replace, and "~/ckpt.pth" was "not a file")
+    checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
+    transformer_2 = Path(transformer_2).expanduser() if transformer_2 is not None else None
     # (before: a missing transformer_2 was called "checkpoint", after the first one had been read)
     for name, value in (("checkpoint", checkpoint), ("transformer_2", transformer_2)):
         if value is not None and not Path(value).is_file():

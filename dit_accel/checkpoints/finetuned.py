@@ -55,7 +55,7 @@ from ..plans.per_head import PerHead
 from ..plans.plan_json import _tuples
 from ..plans.sparse_plan import PlanMethod, SparsePlan
 from .lora_checks import (check_float_weights, check_lora_coverage, check_lora_modules, check_lora_pairs,
-                          injection_state, lora_module_name, undo_injection)
+                          check_lora_scales, injection_state, lora_module_name, undo_injection)
 from .vsa_gates import finish_saved_set
 
 __all__ = [
@@ -161,7 +161,7 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
     the files ``info["files"]`` names into a staging folder; they are moved into ``output_dir`` and the method
     file, with their sha256, is written last. Files of an earlier folder that ``info`` no longer names
     (``LORA_FILE``/``SLA_FILE``) are removed after it."""
-    out = Path(output_dir)
+    out = Path(output_dir).expanduser()  # (before: "~/weights" was written to a folder named "~" in the working one)
     _check_folder_path(out)
     made = folders_to_make(out)  # (before: only the last one was taken back on a failure, its parents stayed)
     out.mkdir(parents=True, exist_ok=True)
@@ -555,6 +555,7 @@ def _read_lora(transformer: nn.Module, folder: Path):
     _check_lora_targets(transformer, folder, state)
     ranks = check_lora_modules(transformer, lora_path, state)  # every module there, adaptable, of these shapes
     meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
+    check_lora_scales(lora_path, meta, redo=_REDO)  # (a NaN lora_alpha loaded as a NaN scale: every output NaN)
     check_lora_coverage(transformer, lora_path, state, meta)  # and every module its config names in the file
     meta_rank = meta.get("r") if isinstance(meta.get("r"), int) and not meta.get("rank_pattern") else None
     check_lora_pairs(lora_path, {m: sides for m, sides in ranks.items() if len(sides) < 2}, redo=_REDO)

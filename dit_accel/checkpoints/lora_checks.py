@@ -20,7 +20,7 @@ from ..atomic_files import BadFileError
 
 __all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "check_lora_coverage", "lacking_lora",
            "check_lora_covers", "lora_ranks",
-           "check_lora_pairs", "injection_state", "undo_injection"]
+           "check_lora_pairs", "injection_state", "undo_injection", "check_lora_scales"]
 
 # float64 loads too (cast like the others), though no trainer of ours writes it
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -49,6 +49,30 @@ def check_float_weights(path, tensors: Dict[str, torch.Tensor], *, redo: str,
             if bad:
                 raise BadFileError(path, f"{key} has {bad} non-finite values (NaN or inf)",
                                    f"finite float weights; the fine-tune diverged or the file is damaged: {redo}")
+
+
+def check_lora_scales(path, meta: dict, *, redo: str) -> None:
+    """BadFileError naming ``path`` and the field when the LoRA's adapter metadata ``meta`` (peft's LoraConfig fields,
+    without Diffusers' ``transformer.`` prefix) gives ``lora_alpha``, ``r`` or a value of ``alpha_pattern`` /
+    ``rank_pattern`` that is no finite number (ranks: no whole number of at least 1). The metadata is JSON that
+    Python's parser reads NaN and Infinity in: a NaN alpha loaded as a scale of NaN, and every output was NaN."""
+    import math
+
+    def bad(value, rank: bool) -> bool:
+        if rank:
+            return isinstance(value, bool) or not isinstance(value, int) or value < 1
+        return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+
+    fields = [(name, meta[name], name == "r") for name in ("lora_alpha", "r") if meta.get(name) is not None]
+    for pattern in ("alpha_pattern", "rank_pattern"):
+        if isinstance(meta.get(pattern), dict):
+            fields += [(f"{pattern}[{module!r}]", value, pattern == "rank_pattern")
+                       for module, value in sorted(meta[pattern].items(), key=lambda kv: str(kv[0]))]
+    for name, value, rank in fields:
+        if bad(value, rank):
+            allowed = "a whole number of at least 1" if rank else "a finite number (the LoRA's scale is alpha / rank)"
+            raise BadFileError(path, f"its adapter metadata gives {name}={value!r}",
+                               f"{allowed}; the file's metadata is damaged: {redo}")
 
 
 def lora_module_name(key: str) -> Tuple[str, str]:

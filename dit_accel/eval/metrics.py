@@ -23,18 +23,60 @@ _RANGE_SLACK = 1e-2  # float frames may overshoot [0, 1] by rounding, not by a d
 _SSIM_FRAMES = 8  # frames per SSIM call
 
 
-def to_frames(video) -> torch.Tensor:
-    """Video ``[F, H, W, 3]`` (uint8, or float in [0, 1]) or ``[F, 3, H, W]`` -> float ``[F, 3, H, W]`` in [0, 1]."""
-    x = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video)
-    if x.dim() == 3:  # a single image
+_LAYOUTS = {"FHWC": True, "HWC": True, "FCHW": False, "CHW": False}  # layout -> channels last
+
+
+def to_frames(video, *, layout: Optional[str] = None) -> torch.Tensor:
+    """Video ``[F, H, W, 3]`` (uint8, or float in [0, 1]) or ``[F, 3, H, W]`` -> float ``[F, 3, H, W]`` in [0, 1].
+
+    A 3-D input is one image (``[H, W, 3]`` or ``[3, H, W]``); grey frames have 1 channel. A list holds one frame
+    per item (PIL images, read as :func:`dit_accel.videos.load_video` reads them; arrays; grey ``[H, W]`` ones).
+    The channel axis is the one of 3 (or 1) channels; ``layout`` (``"FHWC"`` or ``"FCHW"``; ``"HWC"``/``"CHW"`` for
+    an image) says which where both the second and the last axis could be it (frames 1 or 3 pixels high or wide).
+    Without it such a shape is read as ``[F, 3, H, W]`` when ``video`` is a torch tensor (the layout this returns),
+    and refused as an array (whose readers, imageio and Diffusers, give ``[F, H, W, 3]``; it was read as
+    ``[F, 3, H, W]``)."""
+    if layout is not None and layout not in _LAYOUTS:
+        raise ValueError(f"layout={layout!r} is invalid: pass 'FHWC' or 'FCHW' ('HWC' or 'CHW' for one image), or "
+                         "None to read it from the shape")
+    tensor = isinstance(video, torch.Tensor)
+    # a list of frames (images, arrays, tensors: one per frame), not nested lists of numbers
+    listed = isinstance(video, (list, tuple)) and len(video) > 0 and all(
+        _is_pil(frame) or isinstance(frame, (np.ndarray, torch.Tensor)) for frame in video)
+    if listed and all(_is_pil(frame) for frame in video):  # (as save_video reads them: alpha dropped, 16-bit scaled)
+        from ..videos import pil_rgb
+
+        video, layout = np.stack([pil_rgb(frame) for frame in video]), layout or "FHWC"
+    x = torch.as_tensor(np.asarray(video) if not tensor else video)
+    shape, image = tuple(x.shape), x.dim() == 3 and not listed
+    if image:  # a single image
         x = x[None]
+    elif x.dim() == 3:  # a list of grey frames [H, W] (before: three of them were read as one RGB image)
+        x, layout = x[:, None], layout or "FCHW"
     if x.dim() != 4:
-        raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W]; got shape {tuple(x.shape)}")
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        batch = " (a batch of videos, such as a pipeline's .frames: pass one of them, video[0])" if x.dim() == 5 else ""
+        raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W]; got shape {tuple(x.shape)}{batch}")
+    first, last = x.shape[1] in (1, 3), x.shape[-1] in (1, 3)
+    if layout is None and first and last and not tensor and x.shape[1:] != (1, 1, 1):
+        form = "[H, W, C] or [C, H, W]" if image else "[F, H, W, C] or [F, C, H, W]"
+        ask = "'HWC' or 'CHW'" if image else "'FHWC' or 'FCHW'"
+        raise ValueError(f"video of shape {shape} reads both as "
+                         f"{form} (its frames are 1 or 3 pixels high or wide): pass layout={ask} to to_frames to "
+                         "say which, and score the tensor it returns")
+    if (_LAYOUTS[layout] if layout is not None else last and not first):
         x = x.permute(0, 3, 1, 2)
     if x.shape[1] not in (1, 3):  # RGBA [F, H, W, 4] was read as H channels of W x 4 images: SSIM silently wrong
-        raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W] (RGB); got shape {tuple(x.shape)}, which has "
-                         "no axis of 3 (or 1) colour channels. Drop an alpha channel with video[..., :3]")
+        # (the cut for where the 4 is: video[..., :3], advised for a [F, 4, H, W] video, cut its width to 3, and
+        # the result was then read as [F, H, W, 3]: scored transposed, without a word)
+        first4 = x.shape[1] == 4 and x.shape[-1] != 4
+        cut = (("video[:3]" if image else "video[:, :3]") + " (video[..., :3] is for frames with the colours last)"
+               if first4 else "video[..., :3]")
+        hint = [f"drop an alpha channel with {cut}"] if not image or 4 in shape else []
+        hint += ["grey frames [F, H, W] need their channel axis: video[..., None]"] if image else []
+        hint = "; ".join(hint)
+        hint = hint[:1].upper() + hint[1:]
+        raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W] (RGB); got shape {shape}, which has no axis of 3 "
+                         f"(or 1) colour channels. {hint}")
     if 0 in x.shape:  # (else every mean over it was NaN, dropped from the row's means without a word)
         raise ValueError(f"video of shape {tuple(x.shape)} [F, C, H, W] has no pixels to score: it needs at least "
                          "one frame of at least 1x1; check the generation that made it")
@@ -53,6 +95,12 @@ def to_frames(video) -> torch.Tensor:
             raise ValueError(f"float video values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}. "
                              "Divide 0-255 frames by 255 (or pass uint8), map [-1, 1] frames with (x + 1) / 2")
     return x.float().clamp(0.0, 1.0).contiguous()
+
+
+def _is_pil(x) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image)
 
 
 def as_rgb(frames: torch.Tensor) -> torch.Tensor:

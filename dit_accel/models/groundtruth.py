@@ -140,10 +140,21 @@ def score_many(videos, prompts) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _numpy(frames):
+    """``frames`` as numpy: a torch tensor of any dtype, device and grad state as its CPU values (bfloat16 frames, a
+    CUDA tensor and one that requires grad raised numpy's raw TypeError or RuntimeError)."""
+    import torch
+
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        return (frames.float() if frames.is_floating_point() else frames).numpy()
+    return np.asarray(frames)
+
+
 def _as_float_frames(frames) -> np.ndarray:
     if isinstance(frames, (list, tuple)):
-        frames = np.stack([np.asarray(f) for f in frames])
-    video = np.asarray(frames)
+        frames = np.stack([_numpy(f) for f in frames])
+    video = _numpy(frames)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"expected frames [F, H, W, 3], got shape {video.shape}")
     if video.dtype == np.uint8:

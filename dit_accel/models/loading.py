@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .._util import near_hub_id
 from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, as_dtype, build_tiny_pipeline
 from .tiny_shapes import TRAINED_MODELS
 
@@ -50,6 +51,15 @@ def resolve_model_kind(model: str) -> str:
         return "folder"
     if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
         return "hub"
+    named = model.strip().lower()
+    if named in EMBEDDED_MODELS:  # ("Tiny-Wan", or "tiny-wan " read from a file; before: the generic line)
+        raise ModelLoadError(f"model {model!r} is no folder here; the embedded model of that name is written "
+                             f"{named!r}: pass {named!r}")
+    near = near_hub_id(model, _REPO_ID)
+    if near is not None:  # (before: "neither ... nor a hub id like 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'", for that id)
+        repo, why = near
+        raise ModelLoadError(f"model {model!r} is no folder here, and not a hub id as written ({why}): pass "
+                             f"{repo!r} for the hub model, or the path of an existing folder")
     raise ModelLoadError(
         f"model {model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), an existing folder, "
         "nor a hub id like 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'"

@@ -350,7 +350,7 @@ def _read_checkpoint(path: Path, params: Dict[str, nn.Parameter]) -> Tuple[dict,
     bad file otherwise. Nothing is loaded into the run here."""
     state_path = path / "state.json"
     expected = 'the checkpoint state `dit-accel finetune` writes: {"step": N, "loss": [...], "sha256": {...}}'
-    state = read_json(state_path, expected=expected)
+    state = read_json(state_path, expected=expected, finite=False)  # (a step's loss may have been NaN)
     step, losses = state.get("step"), state.get("loss")
     if not (isinstance(step, int) and step == _step_of(path) and isinstance(losses, list) and len(losses) >= step
             and all(isinstance(x, (int, float)) for x in losses)):
