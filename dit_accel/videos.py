@@ -23,6 +23,7 @@ import math
 import numbers
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -255,8 +256,9 @@ def output_files(path, num_frames: int) -> list:
     return [path / f"frame_{i:05d}.png" for i in range(num_frames)]
 
 
-def load_video(path) -> np.ndarray:
-    """Read a video written by :func:`save_video` (or any mp4/gif/png) as ``uint8 [F, H, W, 3]``.
+def load_video(path, max_frames: Optional[int] = None) -> np.ndarray:
+    """Read a video written by :func:`save_video` (or any mp4/gif/png) as ``uint8 [F, H, W, 3]``; ``max_frames``: at
+    most that many, from the first (a video file decodes no more of itself).
 
     ``path`` may be an mp4, a gif, a PNG, a PNG pattern base (``x.png`` written
     as ``x_00000.png``, ...) or a folder of PNG frames (sorted by name, numbers by value: ``2.png`` before
@@ -285,9 +287,9 @@ def load_video(path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"no such video: {path}")
     read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
-        else (lambda: _read_ffmpeg(path))
+        else (lambda: _read_ffmpeg(path, max_frames))
     try:
-        return read()
+        return read()[:max_frames]
     except BadFileError:
         raise
     except Exception as err:  # PIL, imageio and ffmpeg raise many types for truncated or damaged files
@@ -373,12 +375,16 @@ def _write_mp4(arr: np.ndarray, path: Path, fps) -> None:
         writer.close()
 
 
-def _read_ffmpeg(path: Path) -> np.ndarray:
+def _read_ffmpeg(path: Path, limit: Optional[int] = None) -> np.ndarray:
     import imageio.v2 as iio
 
     reader = iio.get_reader(str(path), format="FFMPEG")
     try:
-        frames = [np.asarray(f, dtype=np.uint8)[..., :3] for f in reader]
+        frames = []
+        for frame in reader:
+            frames.append(np.asarray(frame, dtype=np.uint8)[..., :3])
+            if len(frames) == limit:
+                break
     finally:
         reader.close()
     if not frames:

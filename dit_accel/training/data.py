@@ -98,24 +98,11 @@ def _load_frames(path: Path, limit: int) -> np.ndarray:
             # sideways, without a word)
             im = ImageOps.exif_transpose(im)
             return pil_rgb(im)[None]  # (16-bit greyscale scaled: convert("RGB") clipped it, nearly all white)
-    if path.suffix.lower() == ".gif":
-        from ..videos import load_video
+    from ..videos import load_video
 
-        return np.asarray(load_video(str(path)))[:limit]
-    # Only the frames a sample takes (before: every frame of the clip was decoded each time a step drew it, gigabytes
+    # only the frames a sample takes (before: every frame of the clip was decoded each time a step drew it, gigabytes
     # for a minute of HD video, where the run keeps the first --frames)
-    import imageio.v2 as iio
-
-    reader = iio.get_reader(str(path), format="FFMPEG")
-    try:
-        frames = []
-        for frame in reader:
-            frames.append(np.asarray(frame, dtype=np.uint8)[..., :3])
-            if len(frames) == limit:
-                break
-    finally:
-        reader.close()
-    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    return np.asarray(load_video(str(path), max_frames=limit))
 
 
 def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
