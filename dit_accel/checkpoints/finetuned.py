@@ -245,7 +245,7 @@ def weights_folder(folder) -> Path:
         raise (ValueError if isinstance(folder, str) else TypeError)(
             f"weights={folder!r} is invalid: expected the path of a weights folder (str or os.PathLike) written by "
             "dit-accel finetune or dit-accel convert")
-    return Path(folder)
+    return Path(folder).expanduser()
 
 
 def method_from_dict(d: dict) -> Method:

@@ -169,8 +169,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         print(handle.summary()["mean_density"])
         handle.remove()
     """
-    if isinstance(method, SparsePlan):  # a plan is a schedule: a method per step, layer and head
-        method = method.as_method()
+    # a plan is a schedule: a method per step, layer and head; a weights folder's "~" is the home folder
+    method, weights = method.as_method() if isinstance(method, SparsePlan) else method, _check_weights(weights)
     method, dense_steps, dense_last_steps, dense_layers, layer_methods, capture_layers, capture_steps = \
         _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend,
                           capture_layers, capture_steps, scheduler, weights, timing)

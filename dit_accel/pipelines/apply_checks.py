@@ -5,6 +5,7 @@ argument or file, what is allowed and what to do."""
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -50,9 +51,12 @@ def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
 
 
 def _check_weights(weights, none: bool = True):
-    """``weights``: a folder path (:func:`~dit_accel.checkpoints.finetuned.weights_folder`), or None where ``none``."""
+    """``weights``: a folder path (:func:`~dit_accel.checkpoints.finetuned.weights_folder`), or None where ``none``;
+    returned as given, but with ``~`` expanded (before: ``weights="~/ft"`` was "not a folder")."""
     if weights is not None or not none:
-        weights_folder(weights)
+        folder = weights_folder(weights)
+        if os.fspath(weights).startswith("~"):
+            return folder
     return weights
 
 

@@ -177,7 +177,7 @@ class AccelHandle:
         before loading, and the handle's LoRA is fused again after it (the old one, when loading failed).
         """
         self._check_active("load_weights()")
-        _check_weights(folder, none=False)
+        folder = _check_weights(folder, none=False)
         _check_weights_folder(folder, self.schedule, [(layer.name, module, layer.index) for hook in self._hooks
                                                       for module, layer in zip(hook._modules, hook.layers)])
         before = [dict(getattr(t, "peft_config", None) or {}) for t in self.transformers]

@@ -1,0 +1,30 @@
+"""Leftovers of trust round 20 found by the helpers outside their areas: ``weights="~/..."`` in ``apply``,
+``handle.load_weights`` and ``load_method`` (the folder under the home folder, not "not a folder")."""
+import torch
+
+import dit_accel
+from dit_accel.checkpoints.finetuned import load_method, save_trained_weights
+from dit_accel.models import tiny as T
+from tests.pipelines.test_apply import _inputs, _run
+
+
+def test_a_weights_folder_under_the_home_folder_is_read_through_a_tilde(tmp_path, monkeypatch):
+    from peft import LoraConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = T.build_tiny_transformer("wan", seed=3)
+    kwargs, method = _inputs("wan", model, batch=1), dit_accel.SLA(topk=0.5)
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False)
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        model.add_adapter(lora)
+        trained = _run(model, kwargs)
+        save_trained_weights(tmp_path / "ft", transformer=model, method=method, lora_config=lora,
+                             sla_projections=handle.sla_projections())
+    model.unload_lora()
+    assert load_method("~/ft") == method
+    with dit_accel.apply(model, method, backend="torch", weights="~/ft"):
+        torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        handle.load_weights("~/ft")
+        torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
+    assert not (tmp_path / "~").exists()
