@@ -28,3 +28,21 @@ def test_a_weights_folder_under_the_home_folder_is_read_through_a_tilde(tmp_path
         handle.load_weights("~/ft")
         torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
     assert not (tmp_path / "~").exists()
+
+
+def test_generate_refuses_a_ulysses_degree_the_heads_of_a_model_folder_do_not_take_before_loading(monkeypatch,
+                                                                                                     capsys):
+    """``--cp ulysses=3`` on tiny-shapes (4 heads, read from its folder's config.json): refused before anything
+    loads or any rank is waited for (before: every rank loaded the model, then said it)."""
+    from dit_accel.cli.main import main
+    from dit_accel.models import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_pipeline", no_load)
+    assert main(["generate", "--model", "tiny-shapes", "--cp", "ulysses=3", "--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "dit-accel generate: error: context parallelism with ulysses_degree=3 (--cp ulysses=3) splits the attention "
+        "heads into 3 equal groups, but WanTransformer3DModel has num_attention_heads=4: use a Ulysses degree that "
+        "divides it (2, 4), or ring")

@@ -549,7 +549,9 @@ def _prepare(args, tiny: bool):
     if problem:
         raise _UsageError(problem)
     _check_cache_under_cp(args)
-    cp_config = None
+    cp_config, problem = None, parallel.early_heads_error(args.model, args.cp)
+    if problem:  # (before: every rank loaded the model first)
+        raise _UsageError(problem)
     if args.cp is not None:
         try:
             cp_config, args.device = parallel.start(args.cp, args.device)

@@ -42,6 +42,28 @@ def add_cp_option(parser) -> None:
                              "rank 0 writes the outputs")
 
 
+#: The pipeline attributes whose transformers ``--cp`` splits (the denoising transformers; Wan 2.2's two experts).
+SPLIT_ATTRS = ("transformer", "transformer_2")
+
+
+def early_heads_error(model, degrees: Optional[Tuple[int, int]]) -> Optional[str]:
+    """The Ulysses heads check of :func:`enable` before ``model`` loads (minutes for a real model, on every rank),
+    read from the transformer configs of its folder (a local folder, an embedded model's, a cached hub snapshot's);
+    None where they fit or are not there (the check after loading covers the rest: models built in code)."""
+    from ..models.loading import component_config, model_folder
+    from ..pipelines.parallel import ulysses_heads_error
+
+    if degrees is None or degrees[0] <= 1:
+        return None
+    folder = model_folder(model)
+    for name in SPLIT_ATTRS if folder is not None else ():
+        config = component_config(folder, name)
+        problem = config and ulysses_heads_error(str(config.get("_class_name") or name), config, degrees[0])
+        if problem:
+            return problem
+    return None
+
+
 #: Seconds a process started without torchrun waits for the other ranks (``DIT_ACCEL_CP_TIMEOUT`` overrides).
 RENDEZVOUS_TIMEOUT_S = 60.0
 
@@ -149,10 +171,6 @@ def _rendezvous(world: int):
                          "(DIT_ACCEL_CP_TIMEOUT=S waits longer)") from None
     store.set_timeout(default_pg_timeout)  # the ranks are all here: later collectives keep torch's timeout
     return rank, store
-
-
-#: The pipeline attributes whose transformers ``--cp`` splits (the denoising transformers; Wan 2.2's two experts).
-SPLIT_ATTRS = ("transformer", "transformer_2")
 
 
 def enable(pipe, config) -> None:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from ..plans.plan import Plan, attend_with_lse
 from ..kernels import merge_attention
 
-__all__ = ["Split", "run_split", "check_split", "check_ring_layers", "check_ulysses_heads", "check_per_head",
+__all__ = ["Split", "run_split", "check_split", "check_ring_layers", "check_ulysses_heads", "ulysses_heads_error",
+           "check_per_head",
            "enable_context_parallel", "ring_first_says"]
 
 
@@ -85,20 +86,29 @@ def check_ulysses_heads(transformer, config) -> None:
     only at the first attention call, after the model loaded and the prompt was encoded. Every ``*num_attention_heads``
     field of the config is split (LTX-2's ``audio_num_attention_heads`` too: its audio attention is split as well)."""
     cp = getattr(config, "context_parallel_config", config)
-    ulysses = getattr(cp, "ulysses_degree", 1) or 1
-    if ulysses <= 1:
-        return
     model_config = getattr(transformer, "config", None)  # (Diffusers' FrozenDict; a plain object in stubs)
     values = dict(model_config) if isinstance(model_config, dict) else dict(getattr(model_config, "__dict__", {}))
+    problem = ulysses_heads_error(type(transformer).__name__, values, getattr(cp, "ulysses_degree", 1) or 1)
+    if problem:
+        raise ValueError(problem)
+
+
+def ulysses_heads_error(class_name: str, values: dict, ulysses: int) -> Optional[str]:
+    """Why a Ulysses degree ``ulysses`` cannot split the heads of a transformer of ``class_name`` whose config is
+    ``values`` (a dict, as its config.json holds it), or None: the one rule of :func:`check_ulysses_heads`, also
+    read from a model's folder before it loads."""
+    if ulysses <= 1:
+        return None
     for field in sorted(values, key=lambda f: (f != "num_attention_heads", f)):  # (the main one said first)
         heads = values[field]
         if not (field.endswith("num_attention_heads") and isinstance(heads, int) and not isinstance(heads, bool)
                 and heads > 0 and heads % ulysses):
             continue
         fits = ", ".join(str(n) for n in range(2, heads + 1) if heads % n == 0) or "none above 1"
-        raise ValueError(f"context parallelism with ulysses_degree={ulysses} (--cp ulysses={ulysses}) splits the "
-                         f"attention heads into {ulysses} equal groups, but {type(transformer).__name__} has "
-                         f"{field}={heads}: use a Ulysses degree that divides it ({fits}), or ring")
+        return (f"context parallelism with ulysses_degree={ulysses} (--cp ulysses={ulysses}) splits the "
+                f"attention heads into {ulysses} equal groups, but {class_name} has "
+                f"{field}={heads}: use a Ulysses degree that divides it ({fits}), or ring")
+    return None
 
 
 @dataclass(frozen=True)
