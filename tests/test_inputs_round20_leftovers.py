@@ -46,3 +46,16 @@ def test_generate_refuses_a_ulysses_degree_the_heads_of_a_model_folder_do_not_ta
         "dit-accel generate: error: context parallelism with ulysses_degree=3 (--cp ulysses=3) splits the attention "
         "heads into 3 equal groups, but WanTransformer3DModel has num_attention_heads=4: use a Ulysses degree that "
         "divides it (2, 4), or ring")
+
+
+def test_a_layer_list_that_is_no_list_of_integers_is_told_the_form_of_one(capsys):
+    """``--dense-layers a,b`` was told "not an int or a comma-separated tuple like 6,8,8" (a grid's form)."""
+    import pytest
+
+    from dit_accel.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "tiny-wan", "--dense-layers", "a,b"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --dense-layers: 'a,b' is not a list of integers: give them separated by commas, e.g. 0,5,7 (or none)")

@@ -92,7 +92,13 @@ def int_list(text: str):
     if "x" in text.lower():
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers: separate them by commas, e.g. 0,5,7 "
                                          "(x separates a grid's sizes, as in 6x8x8)")
-    value = int_tuple(text)
+    try:
+        value = int_tuple(text)
+    except argparse.ArgumentTypeError as err:  # (before: "... a comma-separated tuple like 6,8,8", a grid's form)
+        if "empty item" in str(err):
+            raise
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers: give them separated by commas, e.g. "
+                                         "0,5,7 (or none)") from None
     return value if isinstance(value, tuple) else (value,)
 
 
