@@ -37,7 +37,9 @@ _COMMON = {
                             "tooltip": "run the first N sampling steps dense"}),
     "dense_last_steps": ("INT", {"default": 0, "min": 0, "max": 10000,
                                  "tooltip": "run the last N sampling steps dense"}),
-    "dense_above_sigma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.01,
+    # (step 0.001: ComfyUI's frontend rounds a FLOAT to its step's decimals, and at 0.01 a typed 0.875, Wan 2.2 A14B's
+    # switch of experts, ran as 0.88)
+    "dense_above_sigma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.001,
                                     "tooltip": "run dense while the sampler's sigma is above this (0: off)"}),
     "dense_layers": ("STRING", {"default": "", "tooltip": "N: the first N self-attention layers dense; 0,5,7: "
                                                         "those layers; empty: none"}),

@@ -143,6 +143,8 @@ class Patch:
         self.warnings = WarningLog(emit=LOG.warning)  # said in ComfyUI's log, once each
         self._sigmas_seen = None  # the last schedule dense_above_sigma was checked against
         self._places = Places()  # where a custom sampler's sigmas sit in a whole schedule (once per sampling run)
+        self.expert = None  # which of Wan 2.2 A14B's experts this MODEL was said to be, where the weights hold both
+        self._expert_seen = None  # the last schedule the expert was checked against
         self._model = model
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"dit_accel_comfyui_{id(self)}", default=None)
 
@@ -163,6 +165,10 @@ class Patch:
         step, total, sigma, first = at.step, at.total, at.sigma, at.first
         if not at.placed:
             self._warn_unplaced(options.get("sample_sigmas"), total)
+        if self.expert is not None:
+            self._warn_expert(options.get("sample_sigmas"), first)
+        if at.sampler is not None and total is not None:
+            self._warn_unlooped(at.sampler, options.get("sample_sigmas"), total)
         call = _named(executor, x, args, kwargs)
         if apply_model:
             call = _as_model_call(model, call)
@@ -212,7 +218,8 @@ class Patch:
         """As ``dit_accel.apply`` says them, once per step count: dense steps or a per-step strategy that leave
         no step of this sampler's ``total`` sparse (a 4-step run with the dense_steps of a 30-step one); and, once
         per schedule, a dense_above_sigma below every step's sigma (flow models' sigmas stay high: Wan's last step
-        of 30 starts near 0.2)."""
+        of 30 starts near 0.2), or at or above every one of a schedule run from its top (a sigma of another model's
+        scale: SD's 14.6 on a flow model, whose sigmas run from 1), where no step runs dense."""
         schedule = self.schedule
         if schedule.sparse and schedule.dense_steps + schedule.dense_last_steps >= total:
             self.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
@@ -227,11 +234,18 @@ class Patch:
         if (schedule.sparse and threshold is not None and isinstance(sigmas, torch.Tensor)
                 and sigmas.numel() > 1 and sigmas is not self._sigmas_seen):
             self._sigmas_seen = sigmas  # (one host sync per schedule, not per model call)
-            lowest = float(sigmas.detach().reshape(-1)[:-1].min())  # (this sampler's steps: a part's too)
+            column = sigmas.detach().reshape(-1)[:-1]  # (this sampler's steps: a part's too)
+            lowest, highest = float(column.min()), float(column.max())
             if lowest > threshold:
                 self.warnings.warn(f"dit_accel: dense_above_sigma={threshold:g} is below the sigma of every step of "
                                    f"this sampler (the last starts at {lowest:.4g}): every step runs dense. Raise it "
                                    "(calls above it run dense), or set 0 (off)", key=("dense sigma", threshold, lowest))
+            elif first == 0 and highest <= threshold:  # (a later part of a schedule may lie below it all: its own)
+                self.warnings.warn(f"dit_accel: dense_above_sigma={threshold:g} is at or above the sigma of every "
+                                   f"step of this sampler (the first starts at {highest:.4g}, the top of this model's "
+                                   "schedule): no step runs dense. Lower it below that (calls above it run dense; a "
+                                   "flow model's sigmas, Wan's, FLUX's, run from 1 down), or set 0 (off)",
+                                   key=("dense sigma", threshold, highest))
 
     def _warn_dense_part(self, total: int, first: int, count: int) -> None:
         """Once per part: dense steps that cover every step of a sampler running part of a schedule (steps 0-9 of 20
@@ -264,6 +278,50 @@ class Patch:
                            f"steps 0-{total - 1} of a {total}-step schedule. For a part of a schedule, cut "
                            "BasicScheduler's sigmas with SplitSigmas, or sample with KSamplerAdvanced's start/end "
                            "steps", key=("unplaced", total))
+
+    def _warn_expert(self, sigmas, first: int) -> None:
+        """Once per schedule: a folder of both Wan 2.2 A14B experts loaded with the ``expert`` of the other part of
+        the schedule. The two experts' MODELs are alike (same class and shapes); their samplers tell them apart: the
+        high-noise expert's runs the first steps (``first`` 0) and stops short of sigma 0 (KSamplerAdvanced's
+        end_at_step, leftover noise returned), the low-noise expert's the last ones, from a later step to 0."""
+        if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2 or sigmas is self._expert_seen:
+            return
+        self._expert_seen = sigmas  # (one host sync per schedule, not per model call)
+        column = sigmas.detach().reshape(-1)
+        top, end = float(column[0]), float(column[-1])
+        high, low = first == 0 and end > 0, first > 0 and end == 0
+        if not {"transformer": low, "transformer_2": high}.get(self.expert):
+            return
+        part, other = ("low", "transformer_2") if low else ("high", "transformer")
+        self.warnings.warn(f"dit_accel: this {self.model_name} was given expert={self.expert} (the folder's "
+                           f"{'high' if low else 'low'}-noise expert's weights), but its sampler runs the "
+                           f"{'last' if low else 'first'} steps of the schedule (from step {first}, sigmas "
+                           f"{top:.4g} to {end:.4g}), the {part}-noise expert's part of Wan 2.2 A14B's schedule: if "
+                           f"this MODEL is the {part}-noise expert, set expert={other} on its dit_accel fine-tuned "
+                           "weights node",
+                           key=("expert", first, top, end))
+
+    def _warn_unlooped(self, sampler: str, sigmas, total: int) -> None:
+        """Once per sampler and step count, where the last step matters (dense_last_steps, a per-step method):
+        ``dpm_fast`` and ``dpm_adaptive`` (:data:`~.steps.UNLOOPED`) integrate from sigma_max down to the last step's
+        sigma and call the model at none below it, so no call of theirs falls in the last step (of sigmas that end at
+        0: ComfyUI has them integrate down to a part's last sigma where it is not 0)."""
+        schedule = self.schedule
+        per_step = any(hasattr(m, "for_layer_step") for m in schedule.methods())
+        if not (schedule.dense_last_steps or per_step) or not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
+            return
+        column = sigmas.detach().reshape(-1)
+        if float(column[-1]) != 0:  # (a part ending above 0: ComfyUI has them integrate down to its last sigma)
+            return
+        last = f" ({float(column[-2]):.4g})"
+        n = schedule.dense_last_steps
+        runs = ("" if not n else f": dense_last_steps={n} runs no call dense" if n == 1 else
+                f": dense_last_steps={n} runs dense the calls of steps {total - n}-{total - 2} only")
+        self.warnings.warn(f"dit_accel: the {sampler} sampler makes no model call in the last of its {total} steps (it "
+                           f"integrates from sigma_max down to the last step's sigma{last} and stops there), so what "
+                           f"dit_accel sets for step {total - 1}{' (a plan phase)' if per_step else ''} never runs"
+                           f"{runs}. Sample with a sampler that steps through the sigmas (euler, dpmpp_2m) for "
+                           "a dense last step", key=("unlooped", sampler, total))
 
     def _warn_unreached(self, options: dict) -> None:
         """Once: a model call none of whose self-attention calls reached this patch's override, because the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
@@ -106,9 +107,9 @@ def _heads(module) -> Optional[int]:
 def _check_sigma(value) -> Optional[float]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"dense_above_sigma={value!r} is invalid: a sigma >= 0 (calls at a higher sigma run dense), "
-                         "or None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"dense_above_sigma={value!r} is invalid: a sigma >= 0 and finite (calls at a higher sigma "
+                         "run dense), or None")
     return float(value)
 
 
@@ -178,6 +179,22 @@ def _check_heads(model_name: str, layers, methods) -> None:
             fix = "use a strategy searched for this model" if path else "give one window per head, or one for all"
             raise ValueError(f"dit_accel: {path or type(m).__name__} has windows for {want} heads per layer, but "
                              f"{model_name}'s self-attention layers run {', '.join(map(str, known))} heads: {fix}")
+
+
+def _check_plan_model(method, family, model_name: str, layers) -> None:
+    """A plan made for this model (its Diffusers class), layers and heads; its refusal says what this MODEL is, as
+    ComfyUI names it (the plan's own said "this pipeline's transformer is WanTransformer3DModel": no pipeline, and
+    not the class ComfyUI shows)."""
+    if not hasattr(method, "check_model"):
+        return
+    try:
+        method.check_model(family.diffusers_class, [_heads(m) for m in layers])
+    except ValueError as err:
+        own = f"this MODEL is ComfyUI's {model_name} ({family.name}; Diffusers' "
+        text = re.sub(r"this pipeline's transformer is (\w+):", lambda m: f"{own}{m.group(1)}):", str(err))
+        if text == str(err):
+            raise
+        raise ValueError(f"dit_accel: {text}") from None
 
 
 def _call_check(method: Method, allow_other_grid: bool):
@@ -272,8 +289,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     _warn_unknown_strategy_layers((method, *layer_methods.values()), len(layers), type(inner).__name__, log)
     for message in log.messages:  # (e.g. dense_layers covering every layer) into ComfyUI's log too
         LOG.warning(message)
-    if hasattr(method, "check_model"):  # a plan: made for this model (its Diffusers class), layers and heads
-        method.check_model(family.diffusers_class, [_heads(m) for m in layers])
+    _check_plan_model(method, family, type(inner).__name__, layers)
     patch = Patch(family, inner, layers, schedule, backend, dense_above_sigma, _call_check(method, allow_other_grid))
     clone = model.clone()
     if weights is not None:
@@ -315,6 +331,8 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers,
         clone.add_patches(patches, float(strength))
     LOG.info("dit_accel: loaded %s (%s): %d LoRA weight patches, %d SLA projections", folder, expert, len(patches),
              len(patch.projections))
+    if experts["transformer"] and experts["transformer_2"]:  # (Wan 2.2 A14B's: the sampler's sigmas tell its parts)
+        patch.expert = expert
     if expert == "transformer" and experts["transformer_2"]:
         LOG.info("dit_accel: %s also holds transformer_2 weights (Wan 2.2 A14B's low-noise expert): load them into "
                  "that expert's MODEL with expert=transformer_2", folder)

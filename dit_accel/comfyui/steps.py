@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["StepOf", "Places", "step_of"]
+__all__ = ["StepOf", "Places", "step_of", "UNLOOPED"]
 
 # Frames between a diffusion-model call and the sampler function that made it (ComfyUI's wrapper executors, CFG
 # guider, sampling_function, calc_cond_batch, apply_model: about 25 in ComfyUI 0.3.64), with room for more wrappers.
@@ -29,6 +29,9 @@ _KSAMPLER_DEPTH = 128
 # The longest schedule a custom sampler's piece of sigmas is looked for in (each length costs one schedule of each
 # of ComfyUI's schedulers; up to 100: about 1 s on a CPU core, once per sampling run, only where steps matter).
 SEARCH_STEPS = 100
+# k-diffusion's samplers without a loop over the sigmas, by the function ComfyUI's KSAMPLER calls: they integrate from
+# sigma_max down to the last step's sigma (sigmas[-2], as sigmas[-1] is 0) and make no call below it
+UNLOOPED = {"sample_dpm_fast": "dpm_fast", "sample_dpm_adaptive": "dpm_adaptive"}
 
 
 class StepOf(NamedTuple):
@@ -41,12 +44,14 @@ class StepOf(NamedTuple):
     sigma: Optional[float]
     first: int = 0
     placed: bool = True
+    sampler: Optional[str] = None  # a sampler of UNLOOPED, by its ComfyUI name
 
 
 class _Stack(NamedTuple):
     step: Optional[int]  # the sampler's loop index
     ksampler: Optional[tuple]  # (comfy.samplers.KSampler, start_step) of KSampler.sample
     guider: object  # the CFGGuider running the sampler (custom samplers)
+    sampler: Optional[str] = None  # a sampler of UNLOOPED
 
 
 def walk(frame, total: int) -> _Stack:
@@ -55,7 +60,7 @@ def walk(frame, total: int) -> _Stack:
     ``inner_sample`` and the ``KSampler.sample`` above them (the walk ends there)."""
     samplers = sys.modules.get("comfy.samplers")
     ksampler, guider_class = getattr(samplers, "KSampler", None), getattr(samplers, "CFGGuider", None)
-    step = guider = None
+    step = guider = unlooped = None
     for depth in range(_KSAMPLER_DEPTH):
         if frame is None:
             break
@@ -68,16 +73,18 @@ def walk(frame, total: int) -> _Stack:
                     and not isinstance(i, bool) and 0 <= i < total):
                 step = i
         name = code.co_name
+        if unlooped is None and step is None and guider is None:
+            unlooped = UNLOOPED.get(name)
         if name == "sample" and "start_step" in names and "self" in names and ksampler is not None:
             local = frame.f_locals
             if isinstance(local.get("self"), ksampler):
-                return _Stack(step, (local["self"], local.get("start_step")), guider)
+                return _Stack(step, (local["self"], local.get("start_step")), guider, unlooped)
         elif name == "inner_sample" and guider is None and "self" in names and guider_class is not None:
             owner = frame.f_locals.get("self")
             if isinstance(owner, guider_class):
                 guider = owner
         frame = frame.f_back
-    return _Stack(step, None, guider)
+    return _Stack(step, None, guider, unlooped)
 
 
 def step_of(transformer_options: dict, frame=None, places: Optional["Places"] = None, search: bool = True) -> StepOf:
@@ -114,7 +121,7 @@ def step_of(transformer_options: dict, frame=None, places: Optional["Places"] = 
         column = places.column(sigmas)
         at_or_above = (column[:total] >= value * (1 - 1e-4)).nonzero()
         step = int(at_or_above[-1, 0]) if at_or_above.numel() else 0
-    return StepOf(offset + step, full, value, offset, placed)
+    return StepOf(offset + step, full, value, offset, placed, stack.sampler)
 
 
 def _part_of(ksampler, start_step, sigmas: torch.Tensor, total: int) -> Tuple[int, int]:

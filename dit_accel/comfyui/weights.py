@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -53,7 +54,8 @@ from torch import nn
 
 from ..atomic_files import check_hashes, load_safetensors, safetensors_keys, safetensors_metadata
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
-from ..checkpoints.lora_checks import check_float_weights, check_lora_covers, check_lora_pairs, lacking_lora
+from ..checkpoints.lora_checks import (check_float_weights, check_lora_covers, check_lora_pairs, check_lora_scales,
+                                       lacking_lora)
 from .weight_maps import MAPS, describe, diffusers_layer_name, refused_module, targets
 
 __all__ = ["BLOCKS", "EXPERTS", "MAPPED", "UNMAPPED", "check_expert", "check_folder", "experts_in", "layer_names",
@@ -243,11 +245,14 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         raise RuntimeError("dit_accel: loading a LoRA into a ComfyUI model needs ComfyUI (comfy.lora)") from None
     path = Path(folder) / name
     state = load_safetensors(path, expected="a Diffusers LoRA file (safetensors)")
-    check_float_weights(path, state, redo=_REDO)
+    check_float_weights(path, state, redo=_REDO, any_dtype=(".alpha",))
+    _check_no_kohya_alpha(path, state)
     model_name = type(patcher.model.diffusion_model).__name__
     weights = patcher.model.state_dict()
-    alpha = _lora_alpha(folder, info)
     meta = _adapter_metadata(path)
+    recorded = _lora_alpha(folder, info)
+    check_lora_scales(path, meta, redo=_REDO)  # (a NaN lora_alpha: every patched weight NaN)
+    alpha = _metadata_alpha(meta)  # (dit_accel.apply's source, not the method file's lora.alpha)
     rslora = _check_lora_scaling(path, meta)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     mapped = targets(patcher, family, key_map) if family.name in MAPPED else None
@@ -297,12 +302,26 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
                          f"{_mapped(family)}): train without it (--target-modules), or run the folder with "
                          "dit_accel.apply on the Diffusers pipeline")
     check_lora_pairs(path, ranks, redo=_REDO)  # (ComfyUI skips a lone lora_A, fails on a lone lora_B)
+    _check_metadata_rank(path, meta, ranks)
+    _warn_other_alpha(folder, path, recorded, alpha, ranks)
     if expert == "transformer":  # (the metadata Diffusers writes describes the "transformer" adapter)
         names = ([m for m, t in mapped.items() if _weight_key(t) in weights]  # (the map may name absent ones)
                  if mapped is not None else _wan_names(weights, BLOCKS[family.name]))
         own = {key: tensor for key, tensor in state.items() if _of_expert(key, expert) is not None}
         check_lora_covers(path, meta, lacking_lora(names, own, meta), f"ComfyUI's {model_name}")
     return comfy.lora.load_lora(lora, key_map, log_missing=False)
+
+
+def _check_no_kohya_alpha(path: Path, state: Dict[str, torch.Tensor]) -> None:
+    """A ``<module>.alpha`` beside the module's ``lora_A`` (kohya's format) is refused, as ``dit_accel.apply`` refuses
+    it: Diffusers' loader does not apply it, and the node said "the weights are for another model"."""
+    alphas = sorted(k for k in state if k.endswith(".alpha") and f"{k[:-len('.alpha')]}.lora_A.weight" in state)
+    if alphas:
+        raise ValueError(f"dit_accel: {path} holds {alphas[0]}, a kohya-style LoRA alpha, which Diffusers' loader "
+                         "(dit_accel.apply) does not apply, nor does this node (a Diffusers-format LoRA keeps its "
+                         "scale in the adapter metadata's lora_alpha): the LoRA would not run at its trained scale. "
+                         "Convert the checkpoint with dit-accel convert (it folds alpha / rank into lora_A), or save "
+                         "the file without the alpha tensors")
 
 
 #: The safetensors header entry where Diffusers' ``save_lora_weights`` keeps the adapter's peft config
@@ -330,6 +349,53 @@ def _lora_alpha(folder, info: dict):
         raise ValueError(f"dit_accel: {Path(folder) / METHOD_FILE}: lora.alpha={alpha!r} is invalid: a finite number "
                          f"(the LoRA's scale is alpha / rank) or null; {_REDO}")
     return alpha
+
+
+#: peft's LoraConfig default lora_alpha: what Diffusers' loader runs a LoRA at whose adapter metadata leaves it out
+_PEFT_ALPHA = 8
+
+
+def _metadata_alpha(meta: dict):
+    """The LoRA alpha ``dit_accel.apply`` runs the folder's LoRA at (Diffusers' loader, from the LoRA file's adapter
+    metadata ``meta``): its ``lora_alpha`` (peft's default where the metadata leaves it out), or None without
+    metadata, where Diffusers loads the LoRA at alpha = rank (scale 1), as ComfyUI runs one without an alpha. The
+    method file's ``lora.alpha`` is not read by apply: the node read it, and ran a hand-made folder whose two
+    disagree at another scale than apply."""
+    if not meta:
+        return None
+    alpha = meta.get("lora_alpha")
+    return _PEFT_ALPHA if alpha is None else alpha
+
+
+def _check_metadata_rank(path: Path, meta: dict, ranks: Dict[str, Dict[str, int]]) -> None:
+    """The LoRA's ranks against its adapter metadata's ``r``, as ``dit_accel.apply`` checks them: ComfyUI divides
+    alpha by each tensor's own rank, so a file whose metadata says another ran at another scale than trained."""
+    want = meta.get("r")
+    if not isinstance(want, int) or isinstance(want, bool) or meta.get("rank_pattern"):
+        return
+    for module, sides in sorted(ranks.items()):
+        if any(r != want for r in sides.values()):
+            raise ValueError(f"dit_accel: {path}: the LoRA of {module} has rank {sides} (lora_A rows / lora_B "
+                             f"columns), but its adapter metadata says r={want}, which dit_accel.apply refuses too: "
+                             f"{_REDO}")
+
+
+def _warn_other_alpha(folder, path: Path, recorded, alpha, ranks: Dict[str, Dict[str, int]]) -> None:
+    """Said in ComfyUI's log: a method file whose ``lora.alpha`` (``recorded``) is not the alpha the LoRA runs at
+    (``alpha``, its adapter metadata's; None: the rank, for a file without metadata)."""
+    if recorded is None:
+        return
+    rank_set = {r for sides in ranks.values() for r in sides.values()}
+    if alpha is not None and float(recorded) == float(alpha):
+        return
+    if alpha is None and rank_set == {recorded}:
+        return
+    runs = (f"its adapter metadata's lora_alpha={alpha!r}" if alpha is not None else
+            "alpha = rank (scale 1): the file has no adapter metadata, and Diffusers' loader reads no other alpha")
+    logging.getLogger("dit_accel.comfyui").warning(
+        "dit_accel: %s records lora.alpha=%r, but the LoRA %s runs at %s, as dit_accel.apply runs it; the method "
+        "file's value is not used. Write the LoRA's adapter metadata with the alpha it was trained at (dit-accel "
+        "finetune does), or convert the LoRA with dit-accel convert", Path(folder) / METHOD_FILE, recorded, path, runs)
 
 
 def _check_lora_scaling(path: Path, meta: dict) -> bool:

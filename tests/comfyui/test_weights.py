@@ -21,8 +21,11 @@ def _folder(path, method, lora=None, sla=None):
             "lora": {"rank": RANK, "alpha": ALPHA, "target_modules": ["to_q", "to_v"]}}
 
     def write(staging):
-        if lora:
-            save_file(lora, str(staging / LORA_FILE))
+        if lora:  # (with the adapter metadata dit-accel finetune writes: its lora_alpha is the one the LoRA runs at)
+            ranks = {int(t.shape[0]) for k, t in lora.items() if ".lora_A." in k and t.dim() == 2}
+            meta = {"transformer.r": ranks.pop(), "transformer.lora_alpha": ALPHA} if len(ranks) == 1 else None
+            save_file(lora, str(staging / LORA_FILE),
+                      metadata=None if meta is None else {"lora_adapter_metadata": json.dumps(meta)})
         if sla:
             save_file(sla, str(staging / SLA_FILE))
 
