@@ -6,6 +6,7 @@ Import-light on purpose (torch is imported only inside the functions that need i
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -410,9 +411,10 @@ def non_finite_at(value, where: str = "") -> Optional[tuple]:
     if isinstance(value, NonFiniteConstant):
         return str(value), where or "the top level"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = non_finite_at(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where
-                              else str(key))
+    for key, item in items:  # (keys as a plan's messages write them: steps[0], layers["0"], method.topk)
+        step = (f"[{key}]" if isinstance(key, int) else f".{key}" if where and key.isidentifier()
+                else key if key.isidentifier() else f"[{json.dumps(key)}]")
+        found = non_finite_at(item, where + step)
         if found is not None:
             return found
     return None

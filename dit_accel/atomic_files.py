@@ -683,7 +683,7 @@ def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = d
         raise BadFileError(path, "nests its arrays or objects too deeply to be read (thousands of levels)",
                            expected) from None
     if found is not None:
-        raise BadFileError(path, f"holds {found[0]} at {found[1]}, which is no JSON number "
+        raise BadFileError(path, f"holds {found[0]} at {found[1]}: no JSON number "
                                  "(JSON has no NaN or Infinity)", f"{expected}, with finite numbers: write a number "
                                                                   "(or null) there, or write the file again")
     if kind is not None and not isinstance(value, kind):

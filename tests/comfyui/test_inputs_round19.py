@@ -180,7 +180,7 @@ def test_a_lora_alpha_that_is_no_finite_number_is_refused(comfy, wan, tmp_path, 
     with pytest.raises(ValueError) as err:
         patch_model(wan, dit_accel.Dense(), weights=folder)
     if alpha != alpha:  # NaN: refused where the method file is read (no JSON number), naming the key
-        assert str(err.value).startswith(f"{folder / METHOD_FILE}: holds NaN at lora.alpha, which is no JSON number")
+        assert str(err.value).startswith(f"{folder / METHOD_FILE}: holds NaN at lora.alpha: no JSON number")
         return
     assert str(err.value) == (f"dit_accel: {folder / METHOD_FILE}: lora.alpha={alpha!r} is invalid: a finite number "
                               "(the LoRA's scale is alpha / rank) or null; train or convert it again")

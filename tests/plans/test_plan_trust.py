@@ -63,8 +63,8 @@ def _valid_mutation(path, value) -> bool:
     """The mutations that leave a valid plan (everything else must be refused)."""
     text = _render(path)
     deleted = value is _DELETE
-    if text.startswith("provenance.budget"):
-        return True  # a record for people: any value
+    if text.startswith("provenance.budget"):  # a record for people: any value JSON has (no NaN: read_json refuses it)
+        return not (isinstance(value, float) and value != value)
     if text in ("provenance.timesteps", "provenance.call"):
         return deleted or value is None or value == ([] if text.endswith("timesteps") else {})
     if text.startswith("provenance.timesteps["):
