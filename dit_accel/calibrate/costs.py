@@ -196,6 +196,15 @@ class MeasuredCostModel(CostModel):
             raise KeyError(f"{candidate.label}: not timed; pass it among the candidates")
         return self._heads[candidate.method]
 
+    def dense_wins_note(self, backend: str) -> str:
+        """The note of a search in which no sparse candidate was timed faster than dense attention here: its plan
+        is dense whatever the budget (before: said only as "chosen: dense (exact)", as if the budget had
+        allowed no sparsity)."""
+        return (f"--costs measured: on {self.device} (backend {backend}) no sparse candidate was timed faster than "
+                f"dense attention at token grid {tuple(self.grid)} ({self.num_tokens} tokens), so the plan is dense "
+                "whatever the budget; time the candidates on the GPU the plan is for (--device cuda), or price them "
+                "with the cost model (--costs model)")
+
     def describe(self) -> dict:
         return {"arch": None, "kernel": None, "terms": "measured", "constants": f"measured on {self.device}",
                 "modelled_kernel": False, "backend": self.backend,

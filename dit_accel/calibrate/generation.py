@@ -10,7 +10,7 @@ import torch
 
 from .replay import DenseReplay
 
-__all__ = ["generate_videos", "takes_one_prompt", "ONE_PROMPT_PIPELINES"]
+__all__ = ["generate_videos", "takes_one_prompt", "ONE_PROMPT_PIPELINES", "step_timesteps", "check_steps_run"]
 
 
 def _uint8(frames) -> np.ndarray:
@@ -23,12 +23,13 @@ def _uint8(frames) -> np.ndarray:
 
 def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, batch_size: int,
                     on_step: Optional[Callable[[], None]] = None,
-                    replay: Optional[DenseReplay] = None, reference: bool = False) -> List[np.ndarray]:
+                    replay: Optional[DenseReplay] = None, reference: bool = False,
+                    after_call: Optional[Callable[[], None]] = None) -> List[np.ndarray]:
     """uint8 videos ``[F, H, W, 3]`` of every ``(prompt, seed)``, ``batch_size`` per pipeline call; the noise of a
     sample depends on its seed only. ``replay``: told each call's jobs (it records or gives back their
     transformer outputs, :mod:`.replay`). ``reference``: the dense videos every plan is scored against, which
     must be finite (a candidate's NaN becomes black frames that fail the budget; the reference's would be the
-    target)."""
+    target). ``after_call``: called after each pipeline call (the dense run checks the steps it ran there)."""
     videos = []
     one = takes_one_prompt(pipe)
     callback = _takes(pipe, "callback_on_step_end")
@@ -55,7 +56,31 @@ def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, ba
         if reference:
             _check_finite(frames, chunk)
         videos.extend(_uint8(f) for f in frames)
+        if after_call is not None:
+            after_call()
     return videos
+
+
+def step_timesteps(scheduler) -> Optional[List[float]]:
+    """The timestep of each denoising step of the last run (``finetune --plan`` maps a training noise level
+    to the plan's step through them), or None when the scheduler keeps none."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or not len(timesteps):
+        return None
+    order = max(int(getattr(scheduler, "order", 1) or 1), 1)
+    return [float(t) for t in timesteps[::order]]
+
+
+def check_steps_run(pipe, steps: int) -> None:
+    """ValueError when ``pipe``'s last call ran another number of denoising steps than ``steps`` (its scheduler's
+    timesteps; tiny-minimax-h3 runs N - 1 for N): a plan names the steps the transformer runs. Checked after the
+    dense run's first pipeline call (before: after the whole dense run, a video per call on such a pipeline)."""
+    timesteps = step_timesteps(pipe.scheduler)
+    if timesteps and len(timesteps) != steps:
+        raise ValueError(f"--steps {steps}: {type(pipe).__name__} ran {len(timesteps)} denoising step(s) per "
+                         f"video (its scheduler's timesteps), not {steps}: a plan names the steps the transformer "
+                         "runs, and calibrate runs num_inference_steps = --steps, so it cannot calibrate this "
+                         "pipeline's schedule; run it with a method config instead (e.g. generate --method tile)")
 
 
 def _takes(pipe, name: str) -> bool:

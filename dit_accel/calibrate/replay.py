@@ -17,6 +17,7 @@ evenly by the videos (each keeps its first calls); on a GPU a call read back cos
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Dict, Hashable, List, Optional, Sequence
 
@@ -24,7 +25,22 @@ import torch
 
 from ..plans.sparse_plan import SparsePlan
 
-__all__ = ["DenseReplay", "dense_prefix", "PassCounter"]
+__all__ = ["DenseReplay", "dense_prefix", "PassCounter", "pipeline_transformers"]
+
+
+def pipeline_transformers(pipe) -> List[torch.nn.Module]:
+    """The transformers of ``pipe`` that a generation calls (Wan 2.2's ``transformer`` and ``transformer_2``; one
+    module under both names once), in the order apply() finds them: a replay records and gives back the calls of
+    all of them (before: of ``pipe.transformer`` only, so on a pipeline of two experts the calls per step were
+    counted from one expert's calls and a plan's "replayed steps" were fewer steps than it said)."""
+    from ..pipelines.context import TRANSFORMER_ATTRS
+
+    found: List[torch.nn.Module] = []
+    for attr in TRANSFORMER_ATTRS:
+        module = getattr(pipe, attr, None)
+        if isinstance(module, torch.nn.Module) and not any(module is m for m in found):
+            found.append(module)
+    return found
 
 
 def dense_prefix(plan: SparsePlan, steps: int, layers: int) -> int:
@@ -83,9 +99,10 @@ class DenseReplay:
         return min((len(calls) for calls in self.outputs.values()), default=0) if self.enabled else 0
 
     @contextmanager
-    def recording(self, transformer: torch.nn.Module, videos: int = 1):
+    def recording(self, transformer, videos: int = 1):
         """Record each call's output while the block runs (the outputs themselves are returned unchanged);
-        ``videos``: how many videos the block generates (they share ``max_bytes``)."""
+        ``transformer``: a module or the modules of a pipeline (:func:`pipeline_transformers`; their calls count
+        as one sequence); ``videos``: how many videos the block generates (they share ``max_bytes``)."""
         self._videos = max(int(videos), 1)
 
         def record(out):
@@ -103,7 +120,7 @@ class DenseReplay:
             self._recording, self._chunk = False, ()
 
     @contextmanager
-    def replaying(self, transformer: torch.nn.Module, calls: int):
+    def replaying(self, transformer, calls: int):
         """Give back the recorded output of each video's first ``calls`` transformer calls; compute the rest (and
         every call of a batch holding a video without that call recorded)."""
         def call(original, args, kwargs):
@@ -126,8 +143,15 @@ class DenseReplay:
             self._counts.append(self._call)
 
     @contextmanager
-    def _wrapped(self, transformer: torch.nn.Module, body):
-        """``transformer.forward`` replaced by ``body(original, args, kwargs)`` (module hooks still run around it)."""
+    def _wrapped(self, transformer, body):
+        """Each transformer's ``forward`` replaced by ``body(original, args, kwargs)`` (module hooks still run around
+        it); ``transformer``: one module or a sequence of them."""
+        if not isinstance(transformer, torch.nn.Module):
+            with contextlib.ExitStack() as stack:
+                for module in transformer:
+                    stack.enter_context(self._wrapped(module, body))
+                yield
+            return
         had_own = "forward" in vars(transformer)
         original = transformer.forward
 

@@ -20,9 +20,10 @@ from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_c
                      groundtruth_scores, passes_budget, search_budget, warmup_search)
 from .candidates import sparse_candidates
 from .costs import CostModel, MeasuredCostModel
-from .generation import generate_videos, takes_one_prompt
+from .generation import check_steps_run, generate_videos, takes_one_prompt
+from .generation import step_timesteps as _step_timesteps
 from .probes import probe_layer_weights, probe_step_weights
-from .replay import DenseReplay, PassCounter, dense_prefix
+from .replay import DenseReplay, PassCounter, dense_prefix, pipeline_transformers
 from .report import OUTPUT_FILES, check_outputs, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
@@ -59,16 +60,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _step_timesteps(scheduler) -> Optional[List[float]]:
-    """The timestep of each denoising step of the last run (``finetune --plan`` maps a training noise level
-    to the plan's step through them), or None when the scheduler keeps none."""
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None or not len(timesteps):
-        return None
-    order = max(int(getattr(scheduler, "order", 1) or 1), 1)
-    return [float(t) for t in timesteps[::order]]
 
 
 def _psnr(video, ref) -> float:
@@ -179,7 +170,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
     replay = _new_replay(pipe, settings) if layers else None  # layers: the model's attention layers
     t = time.perf_counter()
     with dit_accel.apply(pipe, Dense(), backend=settings.backend), \
-            replay.recording(pipe.transformer, len(val_jobs)) if replay else contextlib.nullcontext():
+            replay.recording(pipeline_transformers(pipe), len(val_jobs)) if replay else contextlib.nullcontext():
         dense_videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update, replay=replay)
     dense_per_video = (time.perf_counter() - t) / len(val_jobs)
 
@@ -333,7 +324,7 @@ def _replayed(pipe, replay: Optional[DenseReplay], plan: SparsePlan, layers: int
     dense_steps = min(dense_prefix(plan, steps, layers), replay.kept_calls() // per_step) if per_step else 0
     if not dense_steps:
         return contextlib.nullcontext(), 0
-    return replay.replaying(pipe.transformer, dense_steps * per_step), dense_steps
+    return replay.replaying(pipeline_transformers(pipe), dense_steps * per_step), dense_steps
 
 
 def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, heads: int,
@@ -355,7 +346,8 @@ def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, 
     if settings.costs == "measured":
         costs = MeasuredCostModel(grid, head_dim, candidates, heads, device=settings.device,
                                   dtype=getattr(torch, settings.dtype), backend=settings.backend)
-        return SearchSpace(candidates, errors, costs, layers, buckets, heads, costs.dense_head()), None
+        space = SearchSpace(candidates, errors, costs, layers, buckets, heads, costs.dense_head())
+        return space, None if space.sparse_pays() else costs.dense_wins_note(settings.backend)
     if settings.cost_terms != "auto":
         return build(settings.cost_terms), None
     space = build("full")
@@ -436,10 +428,10 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
         # at the first verified plan ("the plan is for 80 attention layers; this model has 40").
         layers = len(handle.layers) // max(1, len(handle.transformers))
         sampler.set_layers(layers)
-        with replay.recording(pipe.transformer, len(jobs)) if replay else contextlib.nullcontext(), \
+        with replay.recording(pipeline_transformers(pipe), len(jobs)) if replay else contextlib.nullcontext(), \
                 passes.counting(handle.transformers):
             dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update, replay=replay,
-                                           reference=True)
+                                           reference=True, after_call=lambda: check_steps_run(pipe, settings.steps))
         dense_ms = _attention_ms(handle)
         transformer = handle.transformer
         timesteps = _step_timesteps(pipe.scheduler)
@@ -451,13 +443,6 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
         raise ValueError(f"{settings.model}: its {len(handle.transformers)} transformers have different numbers of "
                          f"attention layers ({len(handle.layers)} in all), and a plan names layers by their index in "
                          "each: calibrate cannot make one plan for them; run it with a method config instead")
-    if timesteps and len(timesteps) != settings.steps:
-        # (before: found when the plan was made, at the end of the run: "provenance.timesteps has 1 entries; the
-        # plan is for 2 steps"; or at the first verified plan, refused by the run's own step count)
-        raise ValueError(f"--steps {settings.steps}: {type(pipe).__name__} ran {len(timesteps)} denoising step(s) per "
-                         f"video (its scheduler's timesteps), not {settings.steps}: a plan names the steps the "
-                         "transformer runs, and calibrate runs num_inference_steps = --steps, so it cannot calibrate "
-                         "this pipeline's schedule; run it with a method config instead (e.g. generate --method tile)")
     return _DenseRun(sampler, buckets, layers, dense_videos, dense_ms, transformer, timesteps, replay,
                      heads=sampler.heads, head_dim=sampler.head_dim, grid=sampler.grid,
                      passes_per_step=passes.per_step(len(jobs), settings.steps))

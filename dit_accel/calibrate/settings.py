@@ -258,6 +258,7 @@ def _check_run_inputs(settings: CalibrationSettings) -> None:
     from .candidates import CALIBRATABLE, GRIDS, check_candidate_tile
 
     check_generation_settings(settings)
+    _check_distinct_texts(settings.prompts)
     psnr = settings.min_psnr
     if psnr is not None and not (is_number(psnr) and 0 < psnr <= PSNR_CAP):
         raise ValueError(f"--min-psnr must be a number of dB in (0, {PSNR_CAP:g}], e.g. 30; got {psnr!r}")
@@ -285,6 +286,19 @@ def _check_run_inputs(settings: CalibrationSettings) -> None:
     _check_tile(settings, check_candidate_tile)
     _check_switches_and_capture(settings)
     check_step_borders(settings)
+
+
+def _check_distinct_texts(prompts) -> None:
+    """Prompts that differ in their spacing only (``"a red circle"``, ``"a red  circle "``) refused as repeats: the
+    text encoders' tokenizers drop the extra spaces, so they are one video, which could sit on both sides of the
+    validation split (before: the validation set then held a search video, and the search counted it twice)."""
+    seen: Dict[str, str] = {}
+    for prompt in prompts:
+        key = " ".join(prompt.split())
+        if key in seen:
+            raise ValueError(f"prompts {seen[key]!r} and {prompt!r} differ in their spaces only, which the text "
+                             "encoder drops: they are one prompt, and each prompt must be given once; remove one")
+        seen[key] = prompt
 
 
 def check_step_borders(settings: CalibrationSettings) -> None:

@@ -203,6 +203,7 @@ def _check_files(args) -> list:
     if out.exists() and os.path.samefile(out, args.prompts):  # the plan would replace the prompts it was made from
         raise _UsageError(f"--out {args.out} is the --prompts file: writing the plan there would overwrite the "
                           "prompts; pass another path, e.g. plan.json")
+    _check_prompts_not_a_report_file(args, out)
     _writable_folder(out.parent if str(out.parent) else Path("."), "--out")
     if args.report_dir is not None:
         rd = Path(args.report_dir)
@@ -227,6 +228,21 @@ def _check_files(args) -> list:
         raise _UsageError(f"--groundtruth require: {args.model!r} has no ground-truth checker (only "
                           f"{', '.join(GROUNDTRUTH_MODELS)} have); use --groundtruth report")
     return prompts
+
+
+def _check_prompts_not_a_report_file(args, out: Path) -> None:
+    """--prompts at a file the report writes (``--report-dir . --prompts report.md``) is refused: the run ended by
+    replacing the prompts with the report, and the plan's prompts hash named a file that no longer held them."""
+    from ..calibrate.report import OUTPUT_FILES
+
+    folder = Path(args.report_dir) if args.report_dir is not None else out.with_name(out.stem + "_report")
+    for name in OUTPUT_FILES:
+        path = folder / name
+        if path.exists() and os.path.samefile(path, args.prompts):
+            flag = f"--report-dir {args.report_dir}" if args.report_dir is not None else \
+                f"the report folder beside the plan ({folder})"
+            raise _UsageError(f"--prompts {args.prompts} is the {name} that {flag} writes: the report would "
+                              "overwrite the prompts; keep the prompts elsewhere or pass another --report-dir")
 
 
 # The argparse names of the flags of calibration settings named otherwise
