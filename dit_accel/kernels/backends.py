@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import limits
 from .limits import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS, SLA_BLOCK_K, SLA_DTYPES, SLA_MAX_HEAD_DIM
 from .request import (ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, in_functorch, in_graph, in_vmap,
                       interpreting)
@@ -199,6 +200,9 @@ def _sla_triton(r: Request) -> Optional[str]:
     if r.block_q % SLA_BLOCK_K:  # (its pooling launch reads 64 rows at a time: a forced call said its self-check failed)
         return (f"the fused SLA kernel takes query blocks that are multiples of {SLA_BLOCK_K} (SLA's 64 and 128), not "
                 f"block_q={r.block_q}; it runs on the PyTorch twin (backend='torch').")
+    if r.device.type == "cuda" and r.batch_heads > limits.GRID_AXIS_LIMIT:  # (its launches put B*H on grid axis 1)
+        return (f"the fused SLA kernel launches at most {limits.GRID_AXIS_LIMIT} (batch, head) pairs at once, not "
+                f"B*H={r.batch_heads}; split the batch into smaller calls or use backend='torch'.")
     if r.device.type == "cuda" and r.dtype not in SLA_DTYPES:
         return (f"the fused SLA kernel takes float16 or bfloat16 on CUDA, not {r.dtype} (fp32 tiles do not fit "
                 "sm_89's shared memory); cast the inputs or use backend='torch'.")

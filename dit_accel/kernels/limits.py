@@ -7,9 +7,37 @@ from typing import Optional
 
 import torch
 
-__all__ = ["GPU_LAYOUT_BLOCKS", "INTERPRETER_LAYOUT_BLOCKS", "SLA_BLOCK_K", "SLA_DTYPES", "SLA_BLOCK_DS",
+__all__ = ["GRID_AXIS_LIMIT", "grid_fits", "in_grid_slices", "GPU_LAYOUT_BLOCKS", "INTERPRETER_LAYOUT_BLOCKS",
+           "SLA_BLOCK_K", "SLA_DTYPES", "SLA_BLOCK_DS",
            "SLA_MAX_HEAD_DIM", "SHARED_MEMORY_LIMITS", "shared_memory_limit", "large_shared_memory",
            "config_target", "listed_part"]
+
+#: The most programs a CUDA launch grid holds on its second and third axes, where the Triton kernels put B*H.
+GRID_AXIS_LIMIT = 65535
+
+
+def grid_fits(t: torch.Tensor) -> bool:
+    """Whether one launch over ``(B, H, ...)`` tensor ``t`` keeps B*H within :data:`GRID_AXIS_LIMIT`."""
+    return t.shape[0] * t.shape[1] <= GRID_AXIS_LIMIT
+
+
+def in_grid_slices(run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``(o, lse)`` of ``run(q, k, v, heads)`` (``heads``: the ``(start, stop)`` of the heads it is given) over slices
+    of the batch, and of the heads past :data:`GRID_AXIS_LIMIT` of them, that keep each launch's B*H within the
+    limit, concatenated (autograd flows through it); one call where the whole fits."""
+    b, h = q.shape[:2]
+    most = GRID_AXIS_LIMIT
+    if b * h <= most:
+        return run(q, k, v, (0, h))
+    if h <= most:
+        parts = [run(q[i:i + most // h], k[i:i + most // h], v[i:i + most // h], (0, h))
+                 for i in range(0, b, most // h)]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+    rows = [[run(q[i:i + 1, j:j + most], k[i:i + 1, j:j + most], v[i:i + 1, j:j + most], (j, min(j + most, h)))
+             for j in range(0, h, most)] for i in range(b)]
+    return (torch.cat([torch.cat([o for o, _ in row], 1) for row in rows]),
+            torch.cat([torch.cat([lse for _, lse in row], 1) for row in rows]))
+
 
 #: Layout block sizes the block-sparse Triton kernels take on a GPU (the compiled, checked tiles); the
 #: interpreter also takes 16 and 32, which keeps CPU tests fast.

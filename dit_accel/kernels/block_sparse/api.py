@@ -16,6 +16,7 @@ from ..request import forward_ad, in_functorch, in_graph, records_grad, tracing
 from ..checks import check_flag, check_qkv, check_scale, meta_outputs, sdpa_autocast, unit_stride
 from ..layout import BlockLayout
 from ..layout_checks import check_layout
+from .. import limits
 
 __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
            "memory_skips", "free_memory",
@@ -116,7 +117,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
         q, k, v = unit_stride(q, k, v)
     if name == "triton":
-        o, lse = _triton_path()(q, k, v, layout, scale)
+        o, lse = _by_batch_chunks(_triton_path(), q, k, v, layout, scale)
     elif name == "torch":
         from .naive import torch_block_sparse_attention
 
@@ -135,6 +136,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
         o, lse = flex_block_sparse_attention(q, k, v, layout, scale, return_lse=return_lse)
     return (o, lse) if return_lse else o
+
+
+def _by_batch_chunks(run: Callable, q, k, v, layout: BlockLayout, scale: float):
+    """``run(q, k, v, layout, scale)`` in launches of at most :data:`~..limits.GRID_AXIS_LIMIT` (batch, head) pairs
+    (:func:`~..limits.in_grid_slices`; VSA's fine branch folds the batch into the heads): one launch past it failed
+    on a GPU with a raw CUDA launch error."""
+    def part(q_, k_, v_, heads):
+        shared = layout.num_heads == 1 or heads == (0, q.shape[1])
+        return run(q_, k_, v_, layout if shared else layout.select(heads=heads), scale)
+
+    return limits.in_grid_slices(part, q, k, v)
 
 
 @functools.cache

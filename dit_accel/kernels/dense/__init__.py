@@ -76,7 +76,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     else:
         _runnable(q, k, v)
         _verified(q, k, v)
-        o, lse = _DenseAttention.apply(q, k, v, scale)
+        from ..limits import in_grid_slices
+
+        # (its launches put B*H on the grid's second axis: past 65,535 a raw CUDA launch error)
+        o, lse = in_grid_slices(lambda q_, k_, v_, _: _DenseAttention.apply(q_, k_, v_, scale), q, k, v)
     return (o, lse) if return_lse else o
 
 

@@ -202,9 +202,11 @@ def _reads_raster(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: 
     """Whether this call of :func:`vsa_parts` on raster ``q``, ``k``, ``v`` takes :func:`.raster.raster_forward`
     (the rule in :mod:`.raster`'s docstring), decided by the class's first eager call."""
     from ..block_sparse.gather import gather_fits, gather_forced, kept_choice, raster_allowed
+    from ..limits import grid_fits
 
     forced = gather_forced()
-    if not raster_allowed(q, forced) or k.shape != q.shape or v.shape != q.shape \
+    # (the raster launches put B*H on the grid's second axis: past its limit the cube-order path splits them)
+    if not raster_allowed(q, forced) or k.shape != q.shape or v.shape != q.shape or not grid_fits(q) \
             or not gather_fits(*raster.launched(q, k, v)):
         return False
     key = _raster_key(q, k, v, cubes, count, with_coarse, backend, forced)

@@ -72,9 +72,11 @@ def _direct(q, k, v) -> bool:
     forwards that plan otherwise (length tiles, warp-specialized) are off."""
     from ..block_sparse.configs import lengths_enabled, ws_enabled
     from ..block_sparse.ops import direct_call_ok
+    from ..limits import grid_fits
 
+    # (and one launch holds its folded heads: past the grid limit the general path splits them)
     return (direct_call_ok(q, k, v) and not records_grad(q, k, v) and not ws_enabled()
-            and not lengths_enabled())
+            and not lengths_enabled() and grid_fits(q))
 
 
 def rows_plan(rows: torch.Tensor, template: _Template) -> torch.Tensor:

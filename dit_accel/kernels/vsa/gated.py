@@ -122,9 +122,12 @@ def gated_kernel_runs(gate: torch.Tensor, variant: str = VARIANT) -> bool:
     which may run no check, an unforced call runs it only where a stored verdict says the variant passed."""
     from .. import selfcheck
     from ..block_sparse.gather import gather_forced, raster_allowed
+    from ..limits import grid_fits
 
     forced = gather_forced()
     if not raster_allowed(gate, forced) or gate.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if not grid_fits(gate):  # (its launch puts B*H on the grid's second axis; the PyTorch path runs any)
         return False
     shape = {"head_dim": gate.shape[-1], "block_q": 64, "block_k": 64}
     return selfcheck.gate_unverified(variant, gate.device, gate.dtype, shape, forced)
