@@ -85,7 +85,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="output path: .mp4, .gif, .png (image, or frames NAME_00000.png...) or a folder of PNG "
                         "frames; a JSON sidecar goes to OUT.json (default: outputs/<model>-<method>.mp4, .png for "
                         "image models)")
-    m.add_argument("--fps", type=int, default=16, help="frames per second of the written video")
+    m.add_argument("--fps", type=int, default=16, help="frames per second of the written video (1 to 1000)")
     g = p.add_argument_group("generation (unset = the model's default; tiny models: small sizes)")
     g.add_argument("--prompt", default=None,
                    help=f"text prompt (default: '{TINY_SHAPES_PROMPT}' for the tiny-shapes models, else "

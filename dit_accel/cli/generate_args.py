@@ -5,12 +5,14 @@ the loaded pipeline against them, and the one-line error they raise (the parser 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
 DEFAULT_MODEL = "tiny-shapes-63"
+MAX_FPS = 1000  # frames per second a video is written at: far past what a player shows
 
 
 class _UsageError(Exception):
@@ -42,13 +44,27 @@ def _check_flags(args) -> None:
         except RuntimeError:  # ~name of no user
             raise _UsageError(f"--out {args.out}: {args.out.split('/')[0]} names no user's home folder; give the "
                               "path in full") from None
+    if args.out and args.out.endswith(("/", os.sep)) and Path(args.out).suffix.lower() in VIDEO_SUFFIXES:  # (x.mp4)
+        raise _UsageError(f"--out {args.out} ends with a slash, which names a folder, but {Path(args.out).name!r} has "
+                          f"the suffix {Path(args.out).suffix!r} of a file; drop the slash to write that file, or "
+                          "give a folder name without a suffix for PNG frames")
+    if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES \
+            and Path(args.out).is_dir():  # (told to give "a folder path", which it is)
+        raise _UsageError(f"--out {args.out}: a folder whose name ends with {Path(args.out).suffix!r}, which is read "
+                          f"as a file suffix; for PNG frames give a folder without a dot in its name, such as "
+                          f"{Path(args.out) / 'frames'}")
     if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
                           "or a folder path (PNG frames)")
     for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
         _check_utf8(flag, text)
-    if args.fps <= 0:
-        raise _UsageError(f"--fps must be >= 1; got {args.fps}")
+    # A byte-order mark (``--prompt "$(cat prompt.txt)"`` of a file Notepad saved) is no text: it reached the
+    # tokenizer as a character of the prompt, and the sidecar recorded it so.
+    for dest in ("prompt", "negative_prompt"):
+        if isinstance(getattr(args, dest), str) and getattr(args, dest).startswith("\ufeff"):
+            setattr(args, dest, getattr(args, dest).lstrip("\ufeff"))
+    if not 1 <= args.fps <= MAX_FPS:  # (ffmpeg refuses a rate past 2**31: a raw traceback once the video was made)
+        raise _UsageError(f"--fps must be an integer from 1 to {MAX_FPS}; got {args.fps}")
     if seed_error(args.seed):
         raise _UsageError(seed_error(args.seed))
     _check_writable(Path(args.out) if args.out else Path("outputs") / "out.mp4", "--out" if args.out else
