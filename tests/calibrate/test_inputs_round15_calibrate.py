@@ -17,6 +17,7 @@ from dit_accel.calibrate.replay import DenseReplay
 from dit_accel.cli.main import main
 from dit_accel.models import loading
 from dit_accel.plans.sparse_plan import Phase, SparsePlan
+from tests.calibrate import StandInHandle
 
 GRID, HEADS, HEAD_DIM = (2, 16, 16), 2, 16
 
@@ -50,26 +51,8 @@ class _Pipe:
         return types.SimpleNamespace(frames=[np.full((1, 8, 8, 3), 0.5, np.float32) for _ in prompt])
 
 
-class _Handle:
-    """dit_accel.apply's stand-in: one layer, one sampled q/k/v call of the grid, 1 ms of attention."""
-
-    def __init__(self, pipe, method, capture=None, timing=False, backend="auto"):
-        self.layers, self.transformers, self.transformer = ["l0"], [pipe.transformer], pipe.transformer
-        if capture is not None:
-            q = torch.randn(1, HEADS, int(np.prod(GRID)), HEAD_DIM, generator=torch.Generator().manual_seed(0))
-            capture.save(0, "l0", GRID, next(iter(capture.steps)), q, q, q)
-
-    def stats(self):
-        return [{"time_ms": 1.0}]
-
-    def remove(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+class _Handle(StandInHandle):
+    grid, heads, head_dim = GRID, HEADS, HEAD_DIM
 
 
 @pytest.fixture

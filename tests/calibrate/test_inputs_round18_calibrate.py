@@ -14,6 +14,7 @@ from dit_accel.calibrate import CalibrationSettings, calibrate, report, run
 from dit_accel.calibrate.candidates import sparse_candidates
 from dit_accel.cli.main import main
 from dit_accel.models import loading
+from tests.calibrate import StandInHandle
 
 
 @pytest.fixture
@@ -185,26 +186,7 @@ class _FewerSteps:
         return types.SimpleNamespace(frames=[np.full((1, 8, 8, 3), 0.5, np.float32) for _ in prompt])
 
 
-class _Handle:
-    """dit_accel.apply's stand-in: one layer, one sampled q/k/v call of a (2, 16, 16) grid."""
-
-    def __init__(self, pipe, method, capture=None, timing=False, backend="auto"):
-        self.layers, self.transformers, self.transformer = ["l0"], [pipe.transformer], pipe.transformer
-        if capture is not None:
-            q = torch.randn(1, 2, 512, 16, generator=torch.Generator().manual_seed(0))
-            capture.save(0, "l0", (2, 16, 16), next(iter(capture.steps)), q, q, q)
-
-    def stats(self):
-        return [{"time_ms": 1.0}]
-
-    def remove(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+_Handle = StandInHandle  # one layer, one sampled q/k/v call of a (2, 16, 16) grid
 
 
 def test_a_pipeline_that_runs_fewer_steps_than_asked_is_refused_after_the_dense_run(tmp_path, monkeypatch):

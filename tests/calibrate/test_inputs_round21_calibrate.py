@@ -10,6 +10,7 @@ import torch
 import dit_accel
 from dit_accel.calibrate import CalibrationSettings, calibrate, report, run
 from dit_accel.models import loading
+from tests.calibrate import StandInHandle
 
 
 # ------------------------------------------------------------------ Wan 2.2: two experts, replayed steps
@@ -45,27 +46,10 @@ class _TwoExperts:
         return types.SimpleNamespace(frames=[np.full((1, 8, 8, 3), 0.5, np.float32) for _ in prompt])
 
 
-class _Handle:
-    """dit_accel.apply's stand-in on both experts: one layer each, one sampled q/k/v call of a (2, 16, 16) grid."""
+class _Handle(StandInHandle):
+    """On both experts: one layer each."""
 
-    def __init__(self, pipe, method, capture=None, timing=False, backend="auto"):
-        self.transformers, self.transformer = [pipe.transformer, pipe.transformer_2], pipe.transformer
-        self.layers = ["blocks.0.attn1", "transformer_2.blocks.0.attn1"]
-        if capture is not None:
-            q = torch.randn(1, 2, 512, 16, generator=torch.Generator().manual_seed(0))
-            capture.save(0, "blocks.0.attn1", (2, 16, 16), next(iter(capture.steps)), q, q, q)
-
-    def stats(self):
-        return [{"time_ms": 1.0}]
-
-    def remove(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    layers, both_experts = ("blocks.0.attn1", "transformer_2.blocks.0.attn1"), True
 
 
 def test_a_plans_replayed_steps_on_two_experts_are_the_steps_it_did_not_compute(tmp_path, monkeypatch):
