@@ -33,14 +33,9 @@ def pipeline_transformers(pipe) -> List[torch.nn.Module]:
     module under both names once), in the order apply() finds them: a replay records and gives back the calls of
     all of them (before: of ``pipe.transformer`` only, so on a pipeline of two experts the calls per step were
     counted from one expert's calls and a plan's "replayed steps" were fewer steps than it said)."""
-    from ..pipelines.context import TRANSFORMER_ATTRS
+    from ..pipelines.context import transformers_of
 
-    found: List[torch.nn.Module] = []
-    for attr in TRANSFORMER_ATTRS:
-        module = getattr(pipe, attr, None)
-        if isinstance(module, torch.nn.Module) and not any(module is m for m in found):
-            found.append(module)
-    return found
+    return [module for _, module in transformers_of(pipe)]
 
 
 def dense_prefix(plan: SparsePlan, steps: int, layers: int) -> int:

@@ -179,14 +179,11 @@ def enable(pipe, config) -> None:
     (MiniMax-H3's ``transformer_ref``, Ideogram 4's ``unconditional_transformer``) are not split: each rank runs
     them whole, which is right but not faster, and is said once (a :class:`~dit_accel.DitAccelWarning`)."""
     from .._util import DitAccelWarning
-    from ..pipelines.context import TRANSFORMER_ATTRS
+    from ..pipelines.context import TRANSFORMER_ATTRS, transformers_of
     from ..pipelines.parallel import check_ulysses_heads, enable_context_parallel
 
     split = [n for n in SPLIT_ATTRS if getattr(pipe, n, None) is not None]
-    transformers = []
-    for t in (getattr(pipe, n) for n in split):  # (one module under two names, shared weights: split once)
-        if not any(t is seen for seen in transformers):
-            transformers.append(t)
+    transformers = [t for _, t in transformers_of(pipe, SPLIT_ATTRS)]  # (one module under two names: split once)
     for transformer in transformers:
         if getattr(transformer, "_cp_plan", None) is None:
             raise ValueError(f"{type(transformer).__name__} has no context-parallel plan in this Diffusers "

@@ -17,7 +17,7 @@ from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
 from ..kernels.checks import check_flag as _check_bool
 from ..methods import SLA, Method, registered_methods
 from ..plans.sparse_plan import SparsePlan
-from .context import TRANSFORMER_ATTRS
+from .context import transformers_of
 from .presets import check_pipeline
 from .schedule import Schedule
 
@@ -83,14 +83,11 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     if isinstance(obj, nn.Module):
         found, pipe = [("", obj)], None
     else:
-        found, pipe = [], obj
+        pipe = obj
         check_pipeline(obj)
-        for attr in TRANSFORMER_ATTRS:
-            module = getattr(obj, attr, None)
-            # one module under two names (transformer_2 = transformer, to share the weights) is wrapped once:
-            # twice would nest the wrappers, and remove() could not take the inner ones away
-            if isinstance(module, nn.Module) and not any(module is m for _, m in found):
-                found.append(("" if attr == "transformer" else f"{attr}.", module))
+        # one module under two names (transformer_2 = transformer, to share the weights) is wrapped once: twice
+        # would nest the wrappers, and remove() could not take the inner ones away
+        found = [("" if attr == "transformer" else f"{attr}.", module) for attr, module in transformers_of(obj)]
         if not found:
             raise TypeError(f"apply() needs a Diffusers pipeline with a `transformer` or a transformer module; "
                             f"got {type(obj).__name__}")

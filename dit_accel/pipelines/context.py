@@ -24,14 +24,14 @@ import math
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch._dynamo  # noqa: F401  (loaded with the pipelines, as before: mark_static_address is looked up on it)
 
 from ..kernels.request import tracing  # (re-exported: the one thread-local check, below the pipelines)
 
-__all__ = ["CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline",
+__all__ = ["transformers_of", "CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline",
            "lasting_tensors", "tracing"]
 
 
@@ -98,6 +98,17 @@ _MAX_FRAMES = 64  # pipelines call their transformer about 10 frames up (more un
 #: The pipeline attributes that hold a transformer apply() wraps: Wan 2.2 A14B's second (low-noise) expert, MiniMax-H3's
 #: ref2va model, Ideogram 4's unconditional pass. A pipeline making a call through any of them gives its step.
 TRANSFORMER_ATTRS = ("transformer", "transformer_2", "transformer_ref", "unconditional_transformer")
+
+
+def transformers_of(pipe, attrs: Tuple[str, ...] = TRANSFORMER_ATTRS) -> List[Tuple[str, torch.nn.Module]]:
+    """``[(attribute, transformer)]`` of the pipeline attributes ``attrs`` that hold a module, in that order; one
+    module under two names (``transformer_2 = transformer``, sharing the weights) once, under its first name."""
+    found: List[Tuple[str, torch.nn.Module]] = []
+    for attr in attrs:
+        module = getattr(pipe, attr, None)
+        if isinstance(module, torch.nn.Module) and not any(module is m for _, m in found):
+            found.append((attr, module))
+    return found
 
 
 def calling_pipeline(transformer) -> Tuple[Optional[object], Optional[object]]:
