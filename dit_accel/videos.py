@@ -31,8 +31,8 @@ from ._util import file_in_the_way
 from .atomic_files import (BadFileError, atomic_write, commit_files, commit_journal, finish_commit, finish_for_reader,
                            is_temp_name, locked, remove_stale_temps)
 
-__all__ = ["save_video", "video_files", "load_video", "to_uint8_frames", "output_files", "frames_journal",
-           "pending_journals", "pil_rgb", "VIDEO_SUFFIXES"]
+__all__ = ["save_video", "video_files", "load_video", "count_frames", "to_uint8_frames", "output_files",
+           "frames_journal", "pending_journals", "pil_rgb", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 _GIF_TAG = b"dit_accel"
@@ -288,8 +288,24 @@ def load_video(path, max_frames: Optional[int] = None) -> np.ndarray:
         raise FileNotFoundError(f"no such video: {path}")
     read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
         else (lambda: _read_ffmpeg(path, max_frames))
+    return _decoded(path, read)[:max_frames]
+
+
+def count_frames(path, max_frames: Optional[int] = None) -> int:
+    """``len(load_video(path, max_frames))``, decoded as :func:`load_video` decodes them but without keeping them
+    (a video file's frames are dropped as they come): a check that a clip's frames decode, at the memory of one
+    frame. Raises what :func:`load_video` raises."""
+    file = Path(path).expanduser() if isinstance(path, (str, Path)) and str(path) else None
+    if file is None or file.suffix.lower() in ("", ".png", ".gif") or not file.is_file() \
+            or any(journal.exists() for journal in pending_journals(file)):
+        return len(load_video(path, max_frames))  # (pictures and gifs it reads whole; and each of its refusals)
+    return _decoded(file, lambda: sum(1 for _ in _ffmpeg_frames(file, max_frames)))
+
+
+def _decoded(path: Path, read):
+    """``read()``; what the decoder raises for a truncated or damaged file, a BadFileError naming ``path``."""
     try:
-        return read()[:max_frames]
+        return read()
     except BadFileError:
         raise
     except Exception as err:  # PIL, imageio and ffmpeg raise many types for truncated or damaged files
@@ -376,20 +392,26 @@ def _write_mp4(arr: np.ndarray, path: Path, fps) -> None:
 
 
 def _read_ffmpeg(path: Path, limit: Optional[int] = None) -> np.ndarray:
+    return np.stack(list(_ffmpeg_frames(path, limit)))
+
+
+def _ffmpeg_frames(path: Path, limit: Optional[int] = None):
+    """The first ``limit`` (all: None) frames of a video file, one ``uint8 [H, W, 3]`` at a time; a file without
+    any is a BadFileError."""
     import imageio.v2 as iio
 
     reader = iio.get_reader(str(path), format="FFMPEG")
+    count = 0
     try:
-        frames = []
         for frame in reader:
-            frames.append(np.asarray(frame, dtype=np.uint8)[..., :3])
-            if len(frames) == limit:
+            yield np.asarray(frame, dtype=np.uint8)[..., :3]
+            count += 1
+            if count == limit:
                 break
     finally:
         reader.close()
-    if not frames:
+    if not count:
         raise BadFileError(path, "has no decodable frames", "a whole mp4, gif or png")
-    return np.stack(frames)
 
 
 def _gif_frame_ms(fps) -> int:

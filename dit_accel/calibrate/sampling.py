@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..atomic_files import atomic_write
+
 __all__ = ["step_buckets", "QKVSampler"]
 
 
@@ -117,7 +119,10 @@ class QKVSampler:
             tag = "" if heads is None else f"_heads{int(heads[0])}-{int(heads[1])}"
             if heads is not None:
                 data["heads"] = (int(heads[0]), int(heads[1]))
-            torch.save(data, os.path.join(self.folder, f"{prefix}layer{layer:03d}_step{step:03d}{tag}.pt"))
+            # in one rename, as Capture writes (before: a run killed mid-write left a truncated file under the final
+            # name, which a later run read)
+            atomic_write(os.path.join(self.folder, f"{prefix}layer{layer:03d}_step{step:03d}{tag}.pt"),
+                         lambda tmp: torch.save(data, tmp))
 
     @property
     def layers_seen(self) -> int:

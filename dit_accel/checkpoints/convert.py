@@ -364,33 +364,77 @@ def _method_json(method: SLA, lora: Dict[str, torch.Tensor], sources: List[str],
     }
 
 
-def _check_output(out: Path, overwrite: bool) -> Path:
+# How a message names convert_checkpoint's arguments: (as Python keywords, as dit-accel convert's command line)
+_NAMES = {"checkpoint": ("checkpoint", "checkpoint"), "output": ("output", "--out"),
+          "transformer_2": ("transformer_2", "--transformer-2"),
+          "overwrite": ("overwrite=True (--overwrite)", "--overwrite"),
+          "skip": ("base_weights='skip' (--skip-base-weights)", "--skip-base-weights"),
+          "no transformer_2": ("None", "leave out --transformer-2")}
+
+
+def _named(name: str, flags: bool, value=None, keyword: bool = True) -> str:
+    """``name`` (with ``value``) as the caller wrote it: ``output='w'`` in Python (``keyword``, else
+    ``output 'w'``), ``--out 'w'`` on the command line (before, the command's messages named the Python arguments,
+    ``transformer_2=``, that no flag spells)."""
+    text = _NAMES[name][flags]
+    if value is None:
+        return text
+    return f"{text}{'=' if keyword and not flags else ' '}{os.fspath(value)!r}"
+
+
+def _check_output(out: Path, overwrite: bool, flags: bool = False) -> Path:
     """``out`` unless it is a file, or a folder with files that ``overwrite`` does not allow replacing (a weights
     folder only: before, overwrite wrote into any folder, deleting a LoRA file of its own)."""
     in_the_way = file_in_the_way(out)  # (overwrite replaces a folder's files, never a file)
+    output = _named("output", flags, out)
     if in_the_way is not None:
         where = "is a file" if in_the_way == out else f"lies under {str(in_the_way)!r}, which is a file"
-        raise ValueError(f"output={str(out)!r} {where}; give a folder path (a new or empty folder)")
+        raise ValueError(f"{output} {where}; give a folder path (a new or empty folder)")
     held = sorted(p.name for p in out.iterdir() if not is_temp_name(p)) if out.is_dir() else []
     if held and not overwrite:
-        raise ValueError(f"output={str(out)!r} is a folder with files in it; pass overwrite=True (--overwrite) to "
+        raise ValueError(f"{output} is a folder with files in it; pass {_named('overwrite', flags)} to "
                          "replace them, or give a new folder")
     if held and METHOD_FILE not in held:
         shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-        raise ValueError(f"output={str(out)!r} holds {len(held)} file(s) that are no weights folder ({shown}; no "
+        raise ValueError(f"{output} holds {len(held)} file(s) that are no weights folder ({shown}; no "
                          f"{METHOD_FILE}): overwrite replaces a weights folder only, and nothing there is deleted. "
                          "Give a new or empty folder")
     if RUN_FILE in held:  # (before: its weights were replaced and its LoRA deleted, while its run record, log
         # and checkpoints stayed, describing a training the folder no longer held; finetune --resume then put the
         # run's weights back over the converted ones, silently)
-        raise ValueError(f"output={str(out)!r} holds a fine-tuning run ({RUN_FILE}): overwrite replaces a weights "
+        raise ValueError(f"{output} holds a fine-tuning run ({RUN_FILE}): overwrite replaces a weights "
                          "folder only, not a run's weights beside its record and checkpoints, and nothing there is "
                          "deleted. Give a new or empty folder")
     return out
 
 
+def _checked_paths(checkpoint, output, transformer_2, flags: bool) -> tuple:
+    """:func:`convert_checkpoint`'s paths as Paths (``~`` expanded); ValueError naming the argument (``flags``: the
+    command's flag) when one is no path, an input is no file, or ``transformer_2`` is the checkpoint itself."""
+    for name, value in (("checkpoint", checkpoint), ("output", output), ("transformer_2", transformer_2)):
+        if not (value is None and name == "transformer_2") and (not isinstance(value, (str, os.PathLike))
+                                                                or not os.fspath(value)):
+            raise ValueError(f"{_named(name, flags)}{' ' if flags else '='}{value!r} is invalid: expected a path "
+                             "(str or pathlib.Path)"
+                             + (f", or {_named('no transformer_2', flags)}" if name == "transformer_2" else ""))
+    # (before: "~/out" was written to a folder named "~" in the working one, past the check of the home's folder
+    # for files that overwrite would replace, and "~/ckpt.pth" was "not a file")
+    checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
+    transformer_2 = Path(transformer_2).expanduser() if transformer_2 is not None else None
+    # (before: a missing transformer_2 was called "checkpoint", after the first one had been read)
+    for name, value in (("checkpoint", checkpoint), ("transformer_2", transformer_2)):
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{_named(name, flags, value)} is not a file: give the "
+                             + ("checkpoint to convert" if name == "checkpoint" else "low-noise expert's checkpoint")
+                             + " (.pth, .pt or .safetensors)")
+    if transformer_2 is not None and Path(transformer_2).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"{_named('transformer_2', flags, transformer_2)} is the checkpoint itself: give the "
+                         f"low-noise expert's own checkpoint (Wan 2.2 A14B), or {_named('no transformer_2', flags)}")
+    return checkpoint, output, transformer_2
+
+
 def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, transformer_2=None,
-                       base_weights: str = "refuse", overwrite: bool = False) -> Path:
+                       base_weights: str = "refuse", overwrite: bool = False, flags: bool = False) -> Path:
     """Write a weights folder (LoRA + SLA projections + method) from an SLA reference checkpoint of Wan.
 
     Args:
@@ -404,6 +448,8 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
         base_weights: what to do with the model's own tensors when the checkpoint carries them:
             ``"refuse"`` (default, ValueError) or ``"skip"`` (the Diffusers model you load has them).
         overwrite: replace the files of an existing folder.
+        flags: the messages name ``dit-accel convert``'s command line (``--out``, ``--transformer-2``) instead of
+            these arguments (the command's own call).
 
     Returns the folder. Raises ValueError for unknown keys (listing them), quantized checkpoints,
     missing projections, or a non-empty ``output`` without ``overwrite``.
@@ -422,29 +468,12 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
         raise TypeError(f"method must be a dit_accel.SLA config (e.g. SLA.reference(topk=0.1)); got {method!r}")
     if base_weights not in ("refuse", "skip"):
         raise ValueError(f"base_weights={base_weights!r} is invalid: 'refuse' or 'skip'")
-    for name, value in (("checkpoint", checkpoint), ("output", output), ("transformer_2", transformer_2)):
-        if not (value is None and name == "transformer_2") and (not isinstance(value, (str, os.PathLike))
-                                                                or not os.fspath(value)):
-            raise ValueError(f"{name}={value!r} is invalid: expected a path (str or pathlib.Path)"
-                             + (", or None" if name == "transformer_2" else ""))
-    # (before: "~/out" was written to a folder named "~" in the working one, past the check of the home's folder
-    # for files that overwrite would replace, and "~/ckpt.pth" was "not a file")
-    checkpoint, output = Path(checkpoint).expanduser(), Path(output).expanduser()
-    transformer_2 = Path(transformer_2).expanduser() if transformer_2 is not None else None
-    # (before: a missing transformer_2 was called "checkpoint", after the first one had been read)
-    for name, value in (("checkpoint", checkpoint), ("transformer_2", transformer_2)):
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"{name}={os.fspath(value)!r} is not a file: give the "
-                             + ("checkpoint to convert" if name == "checkpoint" else "low-noise expert's checkpoint")
-                             + " (.pth, .pt or .safetensors)")
-    if transformer_2 is not None and Path(transformer_2).resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"transformer_2={str(transformer_2)!r} is the checkpoint itself: give the low-noise expert's "
-                         "own checkpoint (Wan 2.2 A14B), or None")
+    checkpoint, output, transformer_2 = _checked_paths(checkpoint, output, transformer_2, flags)
     if method.linear_tokens != "all":
         warnings.warn(f"dit_accel: {method!r} runs the linear branch on the marginal blocks, but checkpoints of the reference "
                       "code (TurboDiffusion, thu-ml/SLA) were trained with it on all tokens: the projections will "
                       "see another linear branch than they learned. Use SLA.reference(...)", DitAccelWarning, stacklevel=2)
-    out = _check_output(Path(output), overwrite)
+    out = _check_output(Path(output), overwrite, flags)
     sources = [("", checkpoint)] + ([("transformer_2.", transformer_2)] if transformer_2 is not None else [])
     projections, lora, skipped = {}, {}, 0
     for prefix, path in sources:
@@ -455,14 +484,14 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
             raise ValueError(
                 f"{str(path)!r} carries the model's own weights too ({len(split.base)} tensors, e.g. "
                 f"{split.base[:3]}): a weights folder holds LoRA and SLA projections only. If the Diffusers model you "
-                "load has these weights (projection-only fine-tuning), pass base_weights='skip' (--skip-base-weights); "
+                f"load has these weights (projection-only fine-tuning), pass {_named('skip', flags)}; "
                 "for a fully fine-tuned or distilled checkpoint (TurboDiffusion) load its weights into Diffusers "
                 "first (WanTransformer3DModel.from_single_file) and then skip them here")
         skipped += len(split.base)
         projections.update(_projection_tensors(split, prefix, str(path)))
         if split.lora and prefix:
-            raise ValueError(f"{str(path)!r} (transformer_2) carries LoRA tensors; only the first checkpoint's LoRA "
-                             "is converted")
+            raise ValueError(f"{str(path)!r} ({_named('transformer_2', flags)}) carries LoRA tensors; "
+                             "only the first checkpoint's LoRA is converted")
         if split.lora:
             lora = _lora_layers(split.lora)
             # (Diffusers converts a lone lora_A; the folder then loaded with that module's lora_B zero, without a word)
@@ -471,12 +500,14 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
              for p, _ in sources}
     if len(set().union(*sizes.values())) > 1:  # (one folder's layers of two models: refused at load, or never)
         raise ValueError(f"the projections of checkpoint {str(checkpoint)!r} (head dim {sorted(sizes[''])}) and of "
-                         f"transformer_2 {str(transformer_2)!r} ({sorted(sizes['transformer_2.'])}) differ in size: "
+                         f"{_named('transformer_2', flags, transformer_2, keyword=False)} "
+                         f"({sorted(sizes['transformer_2.'])}) differ in size: "
                          "give the two experts of one model (Wan 2.2 A14B's high- and low-noise checkpoints)")
     layers = {p: sum(k.startswith("transformer_2.") == bool(p) for k in projections) // 2 for p, _ in sources}
     if len(set(layers.values())) > 1:  # (Wan 2.1 1.3B and 14B share head dim 128: refused at load as dense_layers)
-        raise ValueError(f"checkpoint {str(checkpoint)!r} has SLA projections for {layers['']} layers and transformer_2 "
-                         f"{str(transformer_2)!r} for {layers['transformer_2.']}: give the two experts of one model "
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has SLA projections for {layers['']} layers and "
+                         f"{_named('transformer_2', flags, transformer_2, keyword=False)} for "
+                         f"{layers['transformer_2.']}: give the two experts of one model "
                          "(Wan 2.2 A14B's high- and low-noise checkpoints, 40 layers each)")
     info = _method_json(method, lora, [str(p) for _, p in sources], len(projections) // 2, skipped)
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..atomic_files import BadFileError
 
-__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "check_lora_coverage", "lacking_lora",
-           "check_lora_covers", "lora_ranks",
+__all__ = ["check_float_weights", "lora_module_name", "kohya_alpha", "kohya_alpha_problem", "check_lora_modules",
+           "check_lora_coverage", "lacking_lora", "check_lora_covers", "lora_ranks",
            "check_lora_pairs", "injection_state", "undo_injection", "check_lora_scales"]
 
 # float64 loads too (cast like the others), though no trainer of ours writes it
@@ -83,6 +83,28 @@ def lora_module_name(key: str) -> Tuple[str, str]:
     return module, rest
 
 
+def kohya_alpha(state: Dict[str, torch.Tensor], modules: Iterable[str] = ()) -> Optional[str]:
+    """The first kohya-style alpha key of a LoRA state dict, or None: a ``<module>.alpha`` beside that module's
+    ``lora_A``, or on a module of ``modules`` (the model's names, without Diffusers' ``transformer.`` prefix)."""
+    modules = set(modules)
+    for key in sorted(state):
+        if key.endswith(".alpha") and (f"{key[:-len('.alpha')]}.lora_A.weight" in state
+                                       or lora_module_name(key)[0][:-len(".alpha")] in modules):
+            return key
+    return None
+
+
+def kohya_alpha_problem(name: str, *, node: bool = False) -> str:
+    """What is wrong with a LoRA file holding the kohya-style alpha ``name`` (:func:`kohya_alpha`), and what to do:
+    the message after the file's name, for ``dit_accel.apply`` and (``node``) the ComfyUI node, which both refuse
+    it."""
+    loader = "Diffusers' loader (dit_accel.apply) does not apply, nor does this node" if node else \
+        "Diffusers' loader does not apply"
+    return (f"holds {name}, a kohya-style LoRA alpha, which {loader} (a Diffusers-format LoRA keeps its scale in the "
+            "adapter metadata's lora_alpha): the LoRA would not run at its trained scale. Convert the checkpoint "
+            "with dit-accel convert (it folds alpha / rank into lora_A), or save the file without the alpha tensors")
+
+
 def _base(module: nn.Module) -> nn.Module:
     get = getattr(module, "get_base_layer", None)  # a peft layer (an adapter loaded before): its plain layer
     return get() if callable(get) else module
@@ -127,12 +149,9 @@ def check_lora_modules(transformer: nn.Module, path, state: Dict[str, torch.Tens
     for key, tensor in state.items():
         module, rest = lora_module_name(key)
         by_module.setdefault(module, {})[rest or key] = tensor
-    alphas = sorted(m for m in by_module if m.endswith(".alpha") and m[:-len(".alpha")] in modules)
-    if alphas:  # (it was called a module this model lacks: "trained on another model?")
-        raise ValueError(f"{path}: holds {alphas[0]}, a kohya-style LoRA alpha, which Diffusers' loader does not "
-                         "apply (a Diffusers-format LoRA keeps its scale in the adapter metadata's lora_alpha): the "
-                         "LoRA would not load at its trained scale. Convert the checkpoint with dit-accel convert "
-                         "(it folds alpha / rank into lora_A), or save the file without the alpha tensors")
+    alpha = kohya_alpha(state, modules)
+    if alpha is not None:  # (it was called a module this model lacks: "trained on another model?")
+        raise ValueError(f"{path}: {kohya_alpha_problem(lora_module_name(alpha)[0])}")
     missing = sorted(m for m in by_module if m not in modules)
     if missing:
         raise ValueError(_missing_message(path, cls, missing, modules))

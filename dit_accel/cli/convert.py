@@ -64,7 +64,7 @@ def run(args) -> int:
                                feature_map=args.feature_map).replace(linear_tokens=args.linear_tokens)
         out = convert_checkpoint(args.checkpoint, args.out, method=method, transformer_2=args.transformer_2,
                                  base_weights="skip" if args.skip_base_weights else "refuse",
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, flags=True)
     except (ValueError, TypeError) as err:
         print(f"dit-accel convert: {err}", file=sys.stderr)
         return 2

@@ -55,7 +55,7 @@ from torch import nn
 from ..atomic_files import check_hashes, load_safetensors, safetensors_keys, safetensors_metadata
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
 from ..checkpoints.lora_checks import (check_float_weights, check_lora_covers, check_lora_pairs, check_lora_scales,
-                                       lacking_lora)
+                                       kohya_alpha, kohya_alpha_problem, lacking_lora)
 from .weight_maps import MAPS, describe, diffusers_layer_name, refused_module, targets
 
 __all__ = ["BLOCKS", "EXPERTS", "MAPPED", "UNMAPPED", "check_expert", "check_folder", "experts_in", "layer_names",
@@ -315,13 +315,9 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
 def _check_no_kohya_alpha(path: Path, state: Dict[str, torch.Tensor]) -> None:
     """A ``<module>.alpha`` beside the module's ``lora_A`` (kohya's format) is refused, as ``dit_accel.apply`` refuses
     it: Diffusers' loader does not apply it, and the node said "the weights are for another model"."""
-    alphas = sorted(k for k in state if k.endswith(".alpha") and f"{k[:-len('.alpha')]}.lora_A.weight" in state)
-    if alphas:
-        raise ValueError(f"dit_accel: {path} holds {alphas[0]}, a kohya-style LoRA alpha, which Diffusers' loader "
-                         "(dit_accel.apply) does not apply, nor does this node (a Diffusers-format LoRA keeps its "
-                         "scale in the adapter metadata's lora_alpha): the LoRA would not run at its trained scale. "
-                         "Convert the checkpoint with dit-accel convert (it folds alpha / rank into lora_A), or save "
-                         "the file without the alpha tensors")
+    alpha = kohya_alpha(state)
+    if alpha is not None:
+        raise ValueError(f"dit_accel: {path} {kohya_alpha_problem(alpha, node=True)}")
 
 
 #: The safetensors header entry where Diffusers' ``save_lora_weights`` keeps the adapter's peft config

@@ -318,7 +318,7 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
             for old in previous:  # they may hold the adapter name the folder loads: theirs go first
                 if old._adapters:
                     old._release()
-            handle.load_weights(weights)
+            handle._load_checked(weights)  # (checked in _build_runtime, before the model changed)
         handle._guard_save()
     except BaseException:
         try:

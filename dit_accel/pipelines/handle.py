@@ -180,6 +180,11 @@ class AccelHandle:
         folder = _check_weights(folder, none=False)
         _check_weights_folder(folder, self.schedule, [(layer.name, module, layer.index) for hook in self._hooks
                                                       for module, layer in zip(hook._modules, hook.layers)])
+        self._load_checked(folder)
+
+    def _load_checked(self, folder) -> None:
+        """:meth:`load_weights` of a folder already checked against this handle's layers (``apply(weights=)``
+        checks it before the model changes: before, it was read and checked a second time here)."""
         before = [dict(getattr(t, "peft_config", None) or {}) for t in self.transformers]
         states = [_lora_state(t) for t in self.transformers]
         active = [_active_adapters(t) for t in self.transformers]

@@ -235,7 +235,7 @@ def test_convert_names_the_transformer_2_that_is_missing(tmp_path, capsys):
     torch.save(_turbo_state({}), path)
     assert main(["convert", str(path), "--out", str(tmp_path / "w"), "--transformer-2", str(tmp_path / "low.pth")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dit-accel convert: transformer_2=") and "low.pth' is not a file: give the low-noise " \
+    assert err.startswith("dit-accel convert: --transformer-2 ") and "low.pth' is not a file: give the low-noise " \
         "expert's checkpoint" in err and err.count("\n") == 1
     assert not (tmp_path / "w").exists()
 
