@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from .._util import existing_ancestor, format_ratio, format_time
-from .options import HelpFormatter, int_list, plain
+from .options import HelpFormatter, guidance_error, int_list, plain
 
 __all__ = ["register", "run", "check_args"]
 
@@ -95,6 +95,27 @@ def _check_model(args) -> None:
                           "calibrated for), e.g. --steps 30")
 
 
+def _check_frames(args) -> None:
+    """--frames on a model that makes images, refused before it loads where its kind is known then: an embedded
+    model built in code (its own call makes one frame) or a folder (a cached hub snapshot too) whose model_index.json
+    names a pipeline class whose call takes no num_frames. A hub id not in the cache is known only once it has
+    loaded; CalibrationSettings.call_kwargs refuses it then, in the same words."""
+    if args.frames is None or args.frames == 1:
+        return
+    from ..models.tiny import TINY_DEFAULTS, is_tiny_model
+    from .generate_args import index_pipeline_call
+
+    if is_tiny_model(args.model):
+        images = TINY_DEFAULTS[args.model].get("num_frames") == 1
+        name = args.model
+    else:
+        known = index_pipeline_call(args.model)
+        images = known is not None and "num_frames" not in known[1]
+        name = known and type(known[0]).__name__
+    if images:
+        raise _UsageError(f"--frames {args.frames}: {name} takes no num_frames (it makes images); drop it")
+
+
 def _check_counts(args) -> list:
     """Sizes, counts and seeds; returns the seeds (default [0])."""
     from ..eval.inputs import check_generation_numbers
@@ -108,8 +129,8 @@ def _check_counts(args) -> list:
         raise _UsageError(str(exc)) from None
     from ..models.loading import early_size_error, early_text_length_error
 
-    problem = (early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
-               or early_text_length_error(args.model, args.max_sequence_length))
+    problem = (guidance_error(args.guidance_scale) or early_size_error(args.model, args.height, args.width)
+               or early_text_length_error(args.model, args.max_sequence_length))  # (else refused once it loaded)
     if problem:
         raise _UsageError(problem)
     for name, least in (("phases", 1), ("samples_per_bucket", 1), ("search_iters", 0), ("batch_size", 1),
@@ -272,6 +293,7 @@ def check_args(args) -> dict:
     _check_search(args)
     _check_model(args)
     seeds = _check_counts(args)
+    _check_frames(args)
     _check_methods_and_costs(args)
     device, dtype = _device_and_dtype(args)
     prompts = _check_files(args)

@@ -30,7 +30,7 @@ import argparse
 import os
 import sys
 
-from .options import HelpFormatter, add_cache_option, add_plan_any_grid, cache_from_args, plain
+from .options import HelpFormatter, add_cache_option, add_plan_any_grid, cache_from_args, guidance_error, plain
 
 __all__ = ["register", "run"]
 
@@ -107,7 +107,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="TorchScript Inception file or module:factory (env DIT_ACCEL_FID_WEIGHTS)")
     p.add_argument("--no-lpips", action="store_true", help="do not try LPIPS")
     p.add_argument("--quiet", action="store_true",
-                   help="no warnings on the terminal (results.json lists them)")
+                   help="no warnings on the terminal (results.json lists them) and no progress lines such as the "
+                        "dense cache's (the bars stay); failed rows and dropped cache entries are still said")
     p.add_argument("--capture", metavar="DIR", help="also save the dense run's q/k/v for `dit-accel bench fidelity`")
     p.set_defaults(func=run, _parser=p)
     return p
@@ -226,8 +227,8 @@ def _check_counts(args) -> None:
         raise _Refused(str(exc)) from None
     from ..models.loading import early_size_error, early_text_length_error
 
-    problem = (early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
-               or early_text_length_error(args.model, args.max_sequence_length))
+    problem = (guidance_error(args.guidance_scale) or early_size_error(args.model, args.height, args.width)
+               or early_text_length_error(args.model, args.max_sequence_length))  # (else refused once it loaded)
     if problem:
         raise _Refused(problem)
     if args.repeats < 1:
@@ -318,6 +319,11 @@ def _method_specs(args, tiny: bool) -> list:
                            "dense baseline stays uncached; --stacks rows keep their own cache): add a method "
                            "(--methods dense,sla), or give the stack as a row (--stacks dense+"
                            f"{cache.label.replace(',', ';')})")
+    from ..pipelines.caches import missing_package_error
+
+    missing = next(filter(None, (missing_package_error(spec.cache) for spec in specs)), None)
+    if missing:  # (before: that row failed so, after the dense rows had run)
+        raise _Refused(missing)
     _unique_labels(specs)
     return specs
 
@@ -395,6 +401,13 @@ def _weights_spec(folder: str, model: str, any_grid: bool = False):
     return MethodSpec(Path(folder).name, method, {"weights": str(folder), **extra})
 
 
+def _log(quiet: bool):
+    """How the eval's lines reach the terminal: all of them, or with ``--quiet`` its warnings and failures only."""
+    from ..eval.report import ProgressLine
+
+    return (lambda line: None if isinstance(line, ProgressLine) else print(line)) if quiet else print
+
+
 def _run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     try:
@@ -451,7 +464,8 @@ def _evaluate(args) -> int:
     try:
         results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
-                           capture=args.capture, floor_backend=args.floor_backend, prompt_file=args.prompts)
+                           capture=args.capture, floor_backend=args.floor_backend, prompt_file=args.prompts,
+                           log=_log(args.quiet))
     except BaseException as exc:
         remove_empty(created)  # a failed eval leaves no empty folders it made (a cache it filled stays)
         if not isinstance(exc, (ModelLoadError, ValueError, OSError)):

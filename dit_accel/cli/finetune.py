@@ -147,7 +147,7 @@ def config_from_args(args: argparse.Namespace):
     from ..models.loading import early_size_error, early_text_length_error
 
     problem = (early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
-               or early_text_length_error(args.model, args.max_sequence_length))
+               or early_text_length_error(args.model, args.max_sequence_length) or _early_rank_error(args))
     if problem:
         raise ValueError(problem)
     dense_layers = args.dense_layers
@@ -177,6 +177,31 @@ def config_from_args(args: argparse.Namespace):
         progress=not args.quiet, cp=args.cp, plan=plan,
         vsa_decay_steps=args.vsa_decay_steps, vsa_decay_interval=args.vsa_decay_interval,
     )
+
+
+#: Attention projections: each has the transformer's heads x head_dim features on one side (fewer with fewer k/v heads).
+_PROJECTIONS = frozenset(("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+
+
+def _early_rank_error(args) -> Optional[str]:
+    """Why ``--rank`` is past the width of the attention projections ``--target-modules`` adapts, where the model's
+    folder (an embedded, local or cached one) gives its transformer's heads and head size before it loads; None where
+    it fits or is not known (a model built in code, an uncached hub id: the check after loading names the layer).
+    Before: a rank of 100000 on a 128-wide model was refused only once the model had loaded."""
+    from .._util import is_int
+    from ..models.loading import component_config, model_folder
+
+    targets = {t.strip() for t in args.target_modules.split(",")}
+    if not is_int(args.rank) or args.rank <= 0 or not targets & _PROJECTIONS:
+        return None  # (a rank < 1 is FinetuneConfig's to refuse, in its words)
+    config = component_config(model_folder(args.model), "transformer")
+    heads, size = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if not (is_int(heads) and is_int(size) and heads > 0 and size > 0) or args.rank <= heads * size:
+        return None
+    width = heads * size
+    return (f"--rank {args.rank} is past the width of the attention layers of {args.model} ({heads} heads x {size} "
+            f"= {width} features, its transformer/config.json): a LoRA's rank is at most the fewer of a layer's input "
+            f"and output features. Pass --rank {width} or less.")
 
 
 def _mixed_precision(flag: Optional[str]) -> str:

@@ -38,7 +38,7 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
-                            _check_cache_under_cp, _method_for_weights, _check_plan_with_weights, check_sidecar,
+                            _check_cache, _method_for_weights, _check_plan_with_weights, check_sidecar,
                             early_call_error, early_method_defaults, early_method_error, early_plan_error,
                             flag_call_error, image_parameter, _check_dense_schedule, _check_side_by_side, _in_flags)
 from .generate_report import (_audio_of, _cache_record, _calls_per_transformer,  # noqa: F401
@@ -548,7 +548,7 @@ def _prepare(args, tiny: bool):
                or early_text_length_error(args.model, args.max_sequence_length))
     if problem:
         raise _UsageError(problem)
-    _check_cache_under_cp(args)
+    _check_cache(args)
     cp_config, problem = None, parallel.early_heads_error(args.model, args.cp)
     if problem:  # (before: every rank loaded the model first)
         raise _UsageError(problem)

@@ -22,7 +22,8 @@ class _UsageError(Exception):
 def _check_flags(args) -> None:
     """Everything about the flags that needs no model: fail before a (possibly long) load."""
     from ..videos import VIDEO_SUFFIXES
-    from .checks import finite_error, seed_error
+    from .checks import seed_error
+    from .options import guidance_error
 
     for flag in ("frames", "height", "width", "steps", "max_sequence_length"):
         value = getattr(args, flag)
@@ -33,8 +34,8 @@ def _check_flags(args) -> None:
         shown = layers if isinstance(layers, int) else ",".join(map(str, layers))  # (apply refused it once loaded)
         raise _UsageError(f"--dense-layers {shown}: layer counts and indices are >= 0 (0 is the first layer); give N "
                           "(the first N layers dense) or L,L,... (those layers)")
-    if finite_error(args.guidance, "--guidance-scale", minimum=0):  # a NaN would silently turn guidance off
-        raise _UsageError(finite_error(args.guidance, "--guidance-scale", minimum=0))
+    if guidance_error(args.guidance):  # (a NaN would silently turn guidance off; 1e308 made NaN frames)
+        raise _UsageError(guidance_error(args.guidance))
     if args.out is not None and not args.out.strip():
         raise _UsageError("--out is empty: give a file (.mp4, .gif, .png) or folder path, or leave --out out for "
                           "the default outputs/<model>-<method>.mp4")
@@ -156,11 +157,19 @@ _CACHES_NOT_UNDER_CP = {"fbcache": "Diffusers' FirstBlockCache compares the firs
                                                "output"}
 
 
-def _check_cache_under_cp(args) -> None:
-    """``--cache`` with ``--cp``: refused before loading for the caches that fail (or are untested) under context
-    parallelism."""
+def _check_cache(args) -> None:
+    """``--cache`` refused before loading: with ``--cp`` for the caches that fail (or are untested) under context
+    parallelism (said first, without importing cache-dit), and a cache-dit cache where cache-dit is not installed
+    (before: refused by enable_cache, once the model had loaded and the prompt was encoded)."""
+    from ..pipelines.caches import missing_package_error
+
     spec = getattr(args, "_cache_spec", None)
-    if args.cp is None or spec is None or spec.name not in _CACHES_NOT_UNDER_CP:
+    if spec is None:
+        return
+    if args.cp is None or spec.name not in _CACHES_NOT_UNDER_CP:
+        problem = missing_package_error(spec)
+        if problem:
+            raise _UsageError(problem)
         return
     raise _UsageError(f"--cache {spec.name} does not run under --cp: {_CACHES_NOT_UNDER_CP[spec.name]} "
                       "with its input, which context parallelism splits between the ranks; use --cache taylorseer "
@@ -239,11 +248,19 @@ def early_call_error(args) -> Optional[str]:
     """:func:`flag_call_error` before the model loads, where its folder's model_index.json names a Diffusers
     pipeline class: its call's parameters are known from the class (a FLUX folder given --frames, a Wan folder
     given --image, were refused only once the model had loaded)."""
+    known = index_pipeline_call(args.model)
+    return None if known is None else flag_call_error(args, *known)
+
+
+def index_pipeline_call(model):
+    """``(stand-in pipeline, its call's parameter names)`` of the Diffusers class ``model``'s folder (a local or
+    embedded one, or a cached hub snapshot) names in its model_index.json, without loading anything; None where
+    there is no such folder or class (a model built in code, a hub id not in the cache)."""
     import inspect
 
     from ..models.loading import index_class_name
 
-    name = index_class_name(args.model)
+    name = index_class_name(model)
     if name is None:
         return None
     try:
@@ -259,7 +276,7 @@ def early_call_error(args) -> Optional[str]:
         accepts = set(inspect.signature(stand_in.__call__).parameters)
     except (TypeError, ValueError):  # a class that cannot stand in so: the check after loading covers it
         return None
-    return flag_call_error(args, stand_in, accepts)
+    return stand_in, accepts
 
 
 def _folder_class(model):

@@ -169,6 +169,17 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _offload_record(args, pipe) -> dict:
+    """``offload``: whether the pipeline ran with Diffusers' model CPU offload (its hooks are there), not whether
+    --offload was given: on the CPU the loader leaves the weights where they are (Diffusers would only hook them
+    onto the same device), and the sidecar said ``offload: true`` of a run that offloaded nothing. A note says so."""
+    offloaded = bool(getattr(pipe, "_all_hooks", None))
+    if not args.offload or offloaded:
+        return {"offload": offloaded}
+    return {"offload": False, "offload_note": f"--offload was given, but the pipeline ran on {args.device}, where the "
+                                             "weights are already: nothing was offloaded"}
+
+
 def _record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats, summary, elapsed):
     """The JSON sidecar: settings, versions, timings and per-layer density."""
     import datetime
@@ -194,7 +205,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
                      "height": call.get("height"), "width": call.get("width"),
                      "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
                      "max_sequence_length": call.get("max_sequence_length"), "seed": args.seed,
-                     "device": args.device, "dtype": args.dtype, "threads": _threads(), "offload": bool(args.offload),
+                     "device": args.device, "dtype": args.dtype, "threads": _threads(), **_offload_record(args, pipe),
                      "fps": args.fps, "vae_temporal_compression": getattr(pipe, "vae_scale_factor_temporal", None),
                      "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
                      "images": _images_record(args),

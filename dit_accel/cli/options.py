@@ -32,7 +32,8 @@ from .._util import int_at_least
 from ..methods import METHOD_ALIASES, CliOption, Method, canonical_method_name, method_from_name, registered_methods
 
 __all__ = ["BACKENDS", "HelpFormatter", "plain", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
-           "method_options_given", "check_method_flags", "method_flags", "check_plan_flags", "add_plan_any_grid"]
+           "method_options_given", "check_method_flags", "method_flags", "check_plan_flags", "add_plan_any_grid",
+           "GUIDANCE_MAX", "guidance_error"]
 
 #: ``auto`` and dit_accel.kernels.backends.BACKENDS (spelled out: this module is imported without torch).
 BACKENDS = ("auto", "triton", "flex", "torch", "fa4", "cudnn", "natten")
@@ -108,6 +109,24 @@ def _layers(text: str):
     if len(value) == 1 and not re.search(r"[,\[\]()]", text):
         return value[0]
     return list(value)
+
+
+#: The largest --guidance-scale taken. Diffusers bounds none, but models run at about 1 to 20, and a scale such as 1e308
+#: multiplied the guided noise prediction past float range: NaN frames, refused after the whole run and blamed on the
+#: weights.
+GUIDANCE_MAX = 100.0
+
+
+def guidance_error(value, flag: str = "--guidance-scale") -> Optional[str]:
+    """Why ``value`` of ``flag`` is no guidance scale to run (None when it is, or is unset): NaN, infinity, a negative
+    number, or one past :data:`GUIDANCE_MAX`."""
+    from .checks import finite_error
+
+    problem = finite_error(value, flag, minimum=0)
+    if problem is None and value is not None and value > GUIDANCE_MAX:
+        problem = (f"{flag} {value:g} is past any model's range: give a scale from 0 to {GUIDANCE_MAX:g} (models run "
+                   "at about 1 to 20), or leave it out for the model's default")
+    return problem
 
 
 def _number(text: str) -> float:

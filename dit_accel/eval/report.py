@@ -14,7 +14,12 @@ import numpy as np
 
 from ..atomic_files import atomic_write, atomic_write_text
 
-__all__ = ["write_report", "plot_pareto", "frame_grid", "markdown_table"]
+__all__ = ["write_report", "plot_pareto", "frame_grid", "markdown_table", "ProgressLine"]
+
+
+class ProgressLine(str):
+    """A line an eval logs about its progress (e.g. how many dense samples came from the cache), not a warning or
+    a failure: ``dit-accel eval --quiet`` leaves it off the terminal (results.json and report.md keep the counts)."""
 
 
 def _fmt(value, digits=3) -> str:

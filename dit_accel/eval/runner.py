@@ -397,8 +397,8 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     written whole (temporary file, then a rename) as each sample is made: a killed eval keeps those it finished.
     """
     from tqdm.auto import tqdm
-
     from ..atomic_files import atomic_write, remove_stale_temps
+    from .report import ProgressLine
 
     remove_stale_temps(cache_dir)  # entries killed evals left half-written: each may be as large as a video
     model_sha256 = model_sha256 or model_fingerprint(settings.model, pipe, cache_dir, log)
@@ -429,7 +429,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
                 atomic_write(path, lambda tmp: np.savez_compressed(tmp, frames=video, times=json.dumps(times)))
 
             runs.extend(_timed_runs(pipe, timer, settings, [samples[i] for i, _ in missing], bar, keep)[1])
-    log(f"{desc}: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})")
+    log(ProgressLine(f"{desc}: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})"))
     row = {"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": videos,
            "times": median_times(runs), "sample_times": sample_times, "density": 1.0, "summary": {}, "stats": []}
     return row, len(missing)

@@ -36,7 +36,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-__all__ = ["CACHES", "CacheSpec", "enable_cache", "parse_stack"]
+__all__ = ["CACHES", "CacheSpec", "enable_cache", "parse_stack", "missing_package_error"]
 
 # name -> (Diffusers config class, or None for cache-dit, one-line description)
 CACHES = {
@@ -450,14 +450,27 @@ def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
             model.disable_cache()
 
 
+def _not_installed(spec: CacheSpec) -> str:
+    return (f"--cache {spec.name}: cache-dit is not installed; `pip install cache-dit` to use DBCache / its "
+            "TaylorSeer, or use a Diffusers cache (fbcache, taylorseer, magcache, fastercache, pab)")
+
+
+def missing_package_error(spec: Optional[CacheSpec]) -> Optional[str]:
+    """Why ``spec``'s cache cannot run here for want of its optional package (cache-dit's DBCache and its TaylorSeer:
+    ``pip install cache-dit``), asked before a model loads, without importing it; None where it can (or needs none)."""
+    if spec is None or CACHES[spec.name][0] is not None:
+        return None
+    import importlib.util
+
+    return None if importlib.util.find_spec("cache_dit") is not None else _not_installed(spec)
+
+
 @contextlib.contextmanager
 def _cache_dit(pipe, spec: CacheSpec):
     try:
         import cache_dit
     except ImportError:
-        raise ValueError(f"--cache {spec.name}: cache-dit is not installed; `pip install cache-dit` to use "
-                         "DBCache / its TaylorSeer, or use a Diffusers cache (fbcache, taylorseer, magcache, "
-                         "fastercache, pab)") from None
+        raise ValueError(_not_installed(spec)) from None
     options = dict(spec.options)
     if spec.name == "cachedit-taylorseer":
         options.setdefault("enable_taylorseer", True)
