@@ -182,7 +182,7 @@ def test_convert_says_a_file_at_out_is_a_file(tmp_path, capsys):
     ckpt.write_bytes(b"")
     for extra in ([], ["--overwrite"]):
         assert main(["convert", str(ckpt), "--out", str(target), *extra]) == 2
-        assert f"output={str(target)!r} is a file; give a folder path" in capsys.readouterr().err
+        assert f"--out {str(target)!r} is a file; give a folder path" in capsys.readouterr().err
     assert target.read_text() == "mine"
 
 
