@@ -15,6 +15,7 @@ import torch
 
 from .._util import format_time
 from ..methods import Dense
+from ..plans.model_config import model_config
 from ..plans.sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_close, groundtruth_kept,
                      groundtruth_scores, passes_budget, search_budget, warmup_search)
@@ -748,6 +749,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         budget, objective = _budget_and_objective(settings, space.costs)
         provenance = SparsePlan.provenance_now(
             model_class=type(dense.transformer).__name__, model_id=settings.model, grids=[list(dense.grid)],
+            model_config=model_config(dense.transformer),
             prompts_sha256=prompts_hash(settings.prompts), seeds=_search_seeds(jobs), budget=budget,
             objective=objective, steps=settings.steps, timesteps=dense.timesteps, call=call_kwargs,
             candidates=[c.label for c in candidates], cost_model=space.costs.describe(),

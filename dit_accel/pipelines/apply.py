@@ -21,6 +21,7 @@ from torch import nn
 from ..atomic_files import folders_to_make, remove_empty
 from .._util import DitAccelWarning, WarningLog
 from ..methods import Method
+from ..plans.model_config import check_model_config
 from ..plans.sparse_plan import SparsePlan
 from .apply_checks import (BACKENDS, _check_apply_args, _check_bool, _check_int, _check_int_list,  # noqa: F401
                            _check_method, _check_weights, _check_weights_folder, _find_transformers, _heads_of,
@@ -238,6 +239,11 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
     if hasattr(method, "check_model"):
         for _, transformer, _, modules in targets:
             method.check_model(type(transformer), [_heads_of(module) for _, module in modules])
+        plan = getattr(method, "sparse_plan", method)  # (its class, layers and heads fit: was it this model?)
+        warning = check_model_config(plan._name(), getattr(plan, "provenance", None) or {}, targets[0][1]) \
+            if hasattr(plan, "_name") else None
+        if warning:
+            warnings.warn(f"dit_accel: {warning}", DitAccelWarning, stacklevel=3)
     for _, transformer, _, modules in targets:  # per-head windows (Tile, GNA, a strategy file) need the model's heads
         known = sorted({h for h in (_heads_of(module) for _, module in modules) if h is not None})
         for m in (method, *layer_methods.values()):

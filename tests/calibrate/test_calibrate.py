@@ -94,6 +94,8 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
     budget = {"min_psnr": 25.0, "min_psnr_on": "every calibration video"}
     assert prov["budget"] == budget
     assert {"versions", "date", "grids", "objective", "model_class"} <= set(prov)
+    # the calibrated transformer's config: apply() warns when the plan runs on another config of this class
+    assert prov["model_config"]["num_layers"] == plan.num_layers and "in_channels" in prov["model_config"]
     # the timestep of each step: finetune --plan maps a training noise level to the plan's step through them
     assert len(prov["timesteps"]) == prov["steps"] == 2 and prov["timesteps"][0] > prov["timesteps"][1]
     report = tmp_path / "plan_report"
