@@ -155,6 +155,10 @@ def layout_rows(grids: Optional[Sequence[str]] = None, methods: Optional[Sequenc
     from ..methods import canonical_method_name
 
     methods = [canonical_method_name(m) for m in ([methods] if isinstance(methods, str) else methods or ())]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:  # (else no row for it, and an empty list read as "nothing published")
+        raise ValueError(f"methods={bad!r}: not a method of bench layouts; choose from {', '.join(METHODS)} "
+                         "(any case; sta = tile), or leave methods unset for all")
     grids = [grids] if isinstance(grids, str) else grids  # (a name, not a list: each letter was a grid)
     unknown = [g for g in grids or () if g not in GRIDS]
     if unknown:  # (a raw KeyError)

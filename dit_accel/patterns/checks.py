@@ -9,12 +9,13 @@ scalars count as ints and numpy bools as bools (stored as Python's).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 from .._util import is_bool, is_int, is_number
 
 __all__ = ["as_grid", "int_or_tuple", "bool_or_tuple", "flag", "per_dim", "per_dim_bool", "positive_int",
-           "number_in", "share_beside", "ints", "per_head", "check_search"]
+           "number_in", "share_beside", "ints", "per_head", "check_search", "check_mask_memory"]
 
 IntOrTuple = Union[int, Tuple[int, ...]]
 
@@ -153,3 +154,29 @@ def check_search(config, given: dict) -> None:
         where = f"{type(config).__name__}.at_density"
         takes = f"it takes {', '.join(f'{a}=' for a in allowed)}" if allowed else "it takes no search options"
         raise TypeError(f"{where}(grid, density) got {', '.join(map(repr, unknown))}: {takes}")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this machine can still allocate without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_mask_memory(what: str, grid: Tuple[int, ...], layout: str, *, heads: int = 1, copies: int = 1) -> None:
+    """MemoryError before a token mask of ``heads`` x ``N x N`` bools (``copies`` of it alive at once while it is
+    built) that this machine cannot hold: the allocation succeeded and the system's out-of-memory killer then
+    ended the process without a word (``tile_mask((30, 48, 80), ...)``, its docstring's grid, is 13 GiB)."""
+    n = math.prod(grid)
+    # (+ each dimension's L x L relation, built through int64 index and bool temporaries: a 1-D grid's is N x N)
+    need, free = n * n * heads * copies + 40 * sum(extent * extent for extent in grid), available_memory()
+    if free is not None and need > free:
+        raise MemoryError(f"{what} on grid {tuple(grid)} materialises {heads} x {n} x {n} bools ({need / 2**30:.1f} "
+                          f"GiB while it is built) and this machine has {free / 2**30:.1f} GiB available: masks are "
+                          f"for inspection at small grids; use {layout} (the block layout, built without N x N) or a "
+                          "smaller grid")

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from ..kernels.layout import BlockLayout
-from .checks import as_grid, bool_or_tuple, int_or_tuple, per_dim, per_dim_bool, per_head
+from .checks import as_grid, bool_or_tuple, check_mask_memory, int_or_tuple, per_dim, per_dim_bool, per_head
 from .permutation import TilePermutation, permutation_for
 from .separable import kron, relation_1d, separable_layout, stack_heads
 
@@ -36,6 +36,11 @@ def check_gna_args(kernel_size, stride=1, dilation=1, is_causal=False, *, owner:
     """
     heads = per_head(kernel_size)
     if heads is not None:
+        for h, k in enumerate(heads):  # (a head's own per-head sizes passed here, then failed at plan time)
+            if per_head(k) is not None:
+                raise TypeError(f"{owner}kernel_size[{h}]={k!r} is invalid: a head's kernel size is an int or a "
+                                "tuple of ints, one per grid dimension; per-head kernel sizes are one level deep, "
+                                "e.g. kernel_size=((9, 24, 24), (3, 48, 48))")
         checked = [check_gna_args(k, stride, dilation, is_causal, owner=owner) for k in heads]
         return (tuple(c[0] for c in checked),) + checked[0][1:]
     values = {"kernel_size": int_or_tuple(owner, "kernel_size", kernel_size, minimum=2),
@@ -105,6 +110,9 @@ def gna_mask(grid, kernel_size: IntOrTuple, stride: IntOrTuple = 1, dilation: In
     """
     heads = per_head(kernel_size)
     if heads is not None:
+        check_gna_args(kernel_size, stride, dilation, is_causal)  # (each head one kernel size: named if not)
+    check_mask_memory("gna_mask", as_grid(grid), "gna_layout", heads=len(heads or ()) or 1, copies=2 if heads else 1)
+    if heads is not None:
         return torch.stack([kron(gna_relations(grid, k, stride, dilation, is_causal)[1]) for k in heads])
     return kron(gna_relations(grid, kernel_size, stride, dilation, is_causal)[1])
 
@@ -135,6 +143,8 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
         perm, layout = gna_layout((30, 48, 80), (18, 24, 24), stride=(6, 8, 8), tile=(6, 8, 8), block_q=128)
     """
     heads = per_head(kernel_size)
+    if heads is not None:
+        check_gna_args(kernel_size, stride, dilation, is_causal)  # (each head one kernel size: named if not)
     kernels = tuple(tuple(k) if isinstance(k, list) else k for k in (heads or (kernel_size,)))
     grid = as_grid(grid)
     relations = {k: gna_relations(grid, k, stride, dilation, is_causal)[1] for k in dict.fromkeys(kernels)}

@@ -41,7 +41,7 @@ import torch
 
 from .._util import cdiv, is_int
 from ..kernels.layout import BlockLayout
-from .checks import as_grid, number_in, positive_int
+from .checks import as_grid, check_mask_memory, number_in, positive_int
 
 __all__ = ["radial_layout", "radial_mask", "check_radial_args", "radial_args", "frame_pair_states", "RADIAL_RULES"]
 
@@ -291,4 +291,5 @@ def radial_mask(grid, block_size: int = 128, decay: float = 1.0, sink_frames: Se
 
     Materialises ``N x N``: for inspection and tests. Arguments as in :func:`radial_layout`.
     """
+    check_mask_memory("radial_mask", radial_args(grid, block_size, decay, sink_frames)[0], "radial_layout", copies=2)
     return radial_layout(grid, block_size, decay, sink_frames, rule=rule).to_dense_mask()[0]

@@ -47,7 +47,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ..kernels.layout import BlockLayout
-from .checks import per_dim
+from .checks import check_mask_memory, per_dim
 from .permutation import TilePermutation, block_box, pick_tile
 from .radial import frame_pair_states, radial_args
 from .separable import kron, relation_1d, separable_blocks
@@ -106,6 +106,7 @@ def radial_window_mask(grid, block_size: int = 128, decay: float = 1.0,
         mask = radial_window_mask((9, 21, 27), block_size=64, decay=1.0)   # [5103, 5103]
     """
     grid, block, decay, sinks = radial_args(grid, block_size, decay, sink_frames)
+    check_mask_memory("radial_window_mask", grid, "radial_window_layout", copies=2)  # (the pairs, then reshaped)
     frames, height, width = grid
     state, windows = _window_states(grid, block, decay, sinks)
     spatial = torch.stack([kron([relation_1d(height, kh), relation_1d(width, kw)]) for kh, kw in windows])

@@ -25,7 +25,7 @@ import torch
 
 from .._util import cdiv, is_int
 from ..kernels.layout import BlockLayout
-from .checks import as_grid, int_or_tuple, number_in, per_dim, per_head, positive_int
+from .checks import as_grid, check_mask_memory, int_or_tuple, number_in, per_dim, per_head, positive_int
 from .permutation import PackedTilePermutation, TilePermutation, block_box, permutation_for
 from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
@@ -150,10 +150,11 @@ def tile_mask(grid, tile, window) -> torch.Tensor:
 
     Example::
 
-        mask = tile_mask((30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3))  # ~91% sparse
+        mask = tile_mask((12, 24, 40), tile=(6, 8, 8), window=(3, 3, 3))  # [11520, 11520]; a video's: tile_layout
         masks = tile_mask((8, 8, 8), 2, window=((1, 3, 3), (3, 1, 1)))   # [2, 512, 512]
     """
     heads = per_head(window)
+    check_mask_memory("tile_mask", as_grid(grid), "tile_layout", heads=len(heads or ()) or 1, copies=2 if heads else 1)
     if heads is None:
         return kron(tile_relations(grid, tile, window)[2])
     return torch.stack([kron(tile_relations(grid, tile, w)[2]) for w in heads])

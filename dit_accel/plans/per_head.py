@@ -30,7 +30,7 @@ import torch
 
 from ..kernels.layout import BlockLayout
 from ..methods import Dense, Method
-from .plan import DensePlan, LayoutPlan, Plan, SLAPlan
+from .plan import DensePlan, LayoutPlan, Plan, SLAPlan, plan_grid
 from .vsa import VSAPlan
 
 __all__ = ["PerHead", "PerHeadPlan", "MAX_CONVERTED_TOKENS", "CONTEXT_PARALLEL_REFUSAL"]
@@ -97,7 +97,7 @@ class PerHead(Method):
         return any(m.name == "sla" for m in self.methods)
 
     def plan(self, grid):
-        return PerHeadPlan.build(self, tuple(grid))
+        return PerHeadPlan.build(self, plan_grid(self, grid))
 
 
 def _per_head_window(method: Method) -> bool:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._util import is_int
+from ..patterns.checks import as_grid
 from ..kernels import autotune, block_sparse_attention, merge_attention
 from ..kernels.backends import Request, env_backend, env_value, forced_backend, resolve
 from ..kernels.block_sparse import api as _bs_api
@@ -40,7 +41,7 @@ from ..kernels.layout import BlockLayout
 from ..kernels.request import forward_ad, in_functorch, in_graph, records_grad, tracing
 from ..kernels.sla import sla_parts_checked
 
-__all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
+__all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse", "plan_grid"]
 
 # Queries per chunk of the dense text branch: bounds its fp32 score buffer.
 _TEXT_CHUNK = 4096
@@ -91,6 +92,15 @@ DENSE_MASK_BYTES = 256 * 2**20  # the largest fp32 additive mask (heads x N x N)
 _DENSE_BIAS = LayoutCache("dense_bias")
 
 
+def plan_grid(method, grid) -> Tuple[int, ...]:
+    """``grid`` as a tuple of 1 to 3 positive ints; ValueError naming ``method``'s ``plan`` otherwise."""
+    try:
+        return as_grid(grid)
+    except ValueError as err:
+        raise ValueError(f"{type(method).__name__}.plan(grid): {err}; pass the token grid of the attention call, "
+                         "e.g. (21, 30, 52)") from None
+
+
 class Plan:
     """What a (method, grid) runs. Subclasses implement :meth:`attend` on video tokens.
 
@@ -106,7 +116,7 @@ class Plan:
     def __init__(self, method, grid: Tuple[int, ...], *, density: Optional[float] = None,
                  dense_reason: Optional[str] = None, token_density: Optional[float] = None):
         self.method = method
-        self.grid = tuple(grid)
+        self.grid = plan_grid(method, grid)  # (SLA's and Dense's plans took "abc" or zeros, refused at their call)
         self.density = density
         self.dense_reason = dense_reason
         self.token_density = token_density

@@ -184,6 +184,9 @@ class Phase:
         object.__setattr__(self, "start", int(self.start))  # (numpy ints: to_json and content_hash write them)
         object.__setattr__(self, "stop", None if self.stop is None else int(self.stop))
 
+    def __hash__(self) -> int:  # (the generated one hashed the layers dict: "unhashable type: 'dict'")
+        return hash((self.start, self.stop, tuple(self.layers.items()), self.default))
+
     def covers(self, step: int) -> bool:
         return self.start <= step and (self.stop is None or step < self.stop)
 

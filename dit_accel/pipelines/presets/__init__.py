@@ -32,6 +32,9 @@ Adding a model family (developer note)
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
 import importlib
 import re
 from pathlib import Path
@@ -238,6 +241,14 @@ def _supported() -> str:
     return ", ".join(name for name, p in PRESETS.items() if not p.refused)
 
 
+def _did_you_mean(asked, names) -> str:
+    """`` (did you mean X?)`` for the names closest to ``asked`` in any case (a misspelt or mis-cased class name),
+    else "": the whole list alone left a reader to find WanTransformer3DModel among 60 names."""
+    lower = {str(n).lower(): n for n in names}
+    close = difflib.get_close_matches(str(asked).lower(), list(lower), n=2, cutoff=0.8)  # (0.6: Mochi for NoSuch)
+    return f" (did you mean {' or '.join(lower[c] for c in close)}?)" if close else ""
+
+
 def _check_not_refused(name: str, preset: Preset) -> None:
     if preset.refused:
         raise ValueError(f"dit_accel does not support transformer class {name}: {preset.refused}")
@@ -279,13 +290,16 @@ def published_settings(transformer_or_class, method: Optional[str] = None,
     optionally of one method and one family (default: the family of an instance or pipeline, else every family)."""
     preset = PRESETS.get(_class_name(transformer_or_class))
     if preset is None:  # (an empty answer would read as "nothing published" for a class dit_accel does not know)
-        raise ValueError(f"{_class_name(transformer_or_class)!r} is not a model class dit_accel knows; "
+        asked = _class_name(transformer_or_class)
+        raise ValueError(f"{asked!r} is not a model class dit_accel knows{_did_you_mean(asked, PRESETS)}; "
                          f"supported: {_supported()}")
     method = None if method is None else _registered_method(method)
     family = _known_family(preset, family)
     if family is None and not isinstance(transformer_or_class, (str, type)):
         family = family_of(transformer_or_class)
-    return tuple(p for p in preset.published
+    # Copies: a caller's edit of an answer's config or apply dict changed what recommended() returned after it.
+    return tuple(dataclasses.replace(p, config=copy.deepcopy(p.config), apply=copy.deepcopy(p.apply))
+                 for p in preset.published
                  if (method is None or p.method == method) and (family is None or p.family == family))
 
 
@@ -340,7 +354,7 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
 
     name = _class_name(transformer_or_class)
     if name not in PRESETS:
-        raise ValueError(f"no preset for {name}; supported: {_supported()}")
+        raise ValueError(f"no preset for {name}{_did_you_mean(name, PRESETS)}; supported: {_supported()}")
     _check_not_refused(name, PRESETS[name])
     method = _registered_method(method)
     check_method_for(name, PRESETS[name], method)
@@ -490,7 +504,8 @@ def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
         for pattern, family in preset.hub_words:
             if re.search(pattern, model.lower()):
                 return class_name, family
-    raise ValueError(f"cannot tell which model {model!r} is: pass a transformer class ({', '.join(PRESETS)}), a "
+    raise ValueError(f"cannot tell which model {model!r} is{_did_you_mean(model, [*PRESETS, *families])}: pass a "
+                     f"transformer class ({', '.join(PRESETS)}), a "
                      f"family ({', '.join(families)}), a Diffusers folder or a hub id naming the model")
 
 
