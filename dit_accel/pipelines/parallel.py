@@ -367,15 +367,18 @@ def _ran_backend(plan: Plan, vq, vk, vv, split: Split, backend: str) -> Optional
     them (the whole video sequence of this rank's heads; under Ring its query rows against one key shard at a time,
     which a layout plan's :meth:`~dit_accel.plans.plan.Plan.attend_part` hands the block-sparse kernels), not with
     this rank's share of the layer's input (before: a ring run on a CPU was reported as the one-call
-    ``dense-masked`` path, which ring attention never takes; it ran ``torch``)."""
+    ``dense-masked`` path, which ring attention never takes; it ran ``torch``). Under Ulysses with a layout per
+    head: this rank's heads' backend (their layout, as :meth:`~dit_accel.plans.plan.LayoutPlan.attend` ran them),
+    a per-rank answer as the rest of the rank's statistics; before, None, and the call was labelled with the
+    backend of every head's layout asked with this rank's share of the tokens, which ran nowhere."""
     from ..kernels.backends import resolve
     from ..kernels.request import Request
     from ..plans.plan import LayoutPlan
 
     if not isinstance(plan, LayoutPlan) or (split.ring == 1 and plan.layout.num_heads == 1):
         return plan.backend_for(vq, vk, vv, backend)
-    if split.ring == 1:  # a layout per head, of which this rank runs some heads: asked as before (None)
-        return None
+    if split.ring == 1:  # a layout per head, of which this rank runs some heads: theirs
+        return plan.backend_for(vq, vk, vv, backend, heads=split.heads(vq.shape[1]))
     start, stop = split.shards(vk.shape[2])[0]  # ring: the kernels' choice for one key shard
     return resolve("block_sparse", backend, Request.of(vq, vk[:, :, start:stop], vv[:, :, start:stop],
                                                        plan.layout.block_q, plan.layout.block_k))

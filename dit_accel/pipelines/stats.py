@@ -91,7 +91,9 @@ class Stats:
         when the pattern knows it: GNA and Tile; visited density / token density is the wasted work of
         partial blocks), ``sparse_calls``, ``dense_calls``, ``dense_reason`` (why calls ran
         dense although the schedule asked for the method, e.g. a window that covers the grid), ``backend``
-        (the kernel backends its sparse calls ran, e.g. ``"torch"``) and ``time_ms`` (None unless timing)."""
+        (the kernel backends its sparse calls ran, e.g. ``"torch"``) and ``time_ms`` (None unless timing).
+        Under context parallelism ``backend`` is per rank: what this rank's part of each call ran (under Ulysses
+        with a layout per head, its heads' layout: ranks may differ); ``stats(all_ranks=True)`` lists every rank's."""
         rows = []
         for index, (name, stats) in enumerate(zip(self.names, self.layers)):
             values = as_floats(stats.densities)

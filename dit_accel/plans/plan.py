@@ -370,17 +370,18 @@ class LayoutPlan(Plan):
             layout = self._layouts[key] = layout_on(layout, key[0])
         return layout
 
-    def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
+    def backend_for(self, q, k, v, backend: str, lse: bool = True, heads=None) -> str:
+        """(``heads``: q, k, v hold these heads of the model, as :meth:`attend`'s under Ulysses.)"""
         runner = self.call_plan(q.device, backend)
         if runner is not self:
-            return runner.backend_for(q, k, v, backend, lse)
-        short = self._short(q, backend)
+            return runner.backend_for(q, k, v, backend, lse, heads)
+        short = self._short(q, backend, heads)
         if short is not None:
             return short
-        if self._gpu_choice.get(self._gpu_key(q, k, None, lse)) == DENSE:
+        if self._gpu_choice.get(self._gpu_key(q, k, heads, lse)) == DENSE:
             return DENSE
         grad = records_grad(q, k, v)
-        layout = self.layout_on(q.device, backend=backend, grad=grad)
+        layout = self.layout_on(q.device, heads, backend=backend, grad=grad)
         if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
             # Raster tokens of a padded tiling: the kernels see other lengths. Padding keys are never visited,
             # so auto never runs such a layout as dense attention (block_sparse.api.all_keys_visited). Resolved

@@ -28,7 +28,9 @@ _DENSITY = LayoutCache("block_sparse.density")  # visited block fraction per lay
 def prepare_layout(layout: BlockLayout, device, backend: str = "auto") -> BlockLayout:
     """``layout`` on ``device`` with what the backend that will run it derives from it built now
     (the PyTorch twin's chunk plan, FlexAttention's block mask), so a later call, traced by
-    ``torch.compile`` or not, only reads them. Returns the device copy."""
+    ``torch.compile`` or not, only reads them. Returns the device copy. ``backend`` is a name
+    :func:`block_sparse_attention` takes (a misspelt one was accepted and prepared nothing)."""
+    check_backend_name(backend)
     device = torch.device(device)
     layout = layout_on(layout, device)
     if forced_backend(backend) == "flex":
@@ -61,7 +63,8 @@ def _check(q, k, v, layout, scale) -> float:
                              "keys): build the layout from mask.transpose(-1, -2).")
         # (a layout of gna_layout / tile_layout / radial_window_layout is longer: its tiled order pads the grid)
         tiled = (" A pattern's layout is in tiled order: pass perm.permute(q), perm.permute(k), perm.permute(v) "
-                 "(perm, layout = tile_layout(...)), and perm.unpermute the output.") if layout.q_len > n else ""
+                 "(perm, layout = tile_layout(...)), and perm.unpermute the output; or the raster q, k, v with "
+                 "perm=perm.") if layout.q_len > n else ""
         raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len}, but q has N={n} "
                          f"and k/v have M={m} tokens; build the layout for these lengths.{tiled}")
     if layout.num_heads not in (1, h):
@@ -74,7 +77,8 @@ def _check(q, k, v, layout, scale) -> float:
 
 @sdpa_autocast  # SDPA's casts, then the backends' own math outside the region
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
-                           scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto"):
+                           scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
+                           perm=None):
     """Softmax attention restricted to the blocks (and element masks) of ``layout``.
 
     Equals dense attention with the mask ``layout.to_dense_mask()``, but only the
@@ -100,6 +104,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
             sparse kernel would be slower than dense (short calls with few heads, where
             launches dominate), and only where every key token is visited by some query (see
             :func:`dense_reason`); :func:`block_sparse_backend` then answers :data:`DENSE`.
+        perm: the :class:`~dit_accel.patterns.TilePermutation` a pattern's layout is over (``perm, layout =
+            tile_layout(...)``, ``gna_layout``, ``radial_window_layout``) when q, k, v are in raster order: they are
+            permuted into tiled order and ``o`` (and ``lse``) back. Without it q, k, v must be in the layout's own
+            (tiled) order: a raster q is refused where the tiling pads the grid (other lengths), but where the grid
+            divides into the tiles both orders have ``N`` tokens and nothing tells them apart, and raster tensors
+            ran silently under the wrong pairs.
 
     Returns:
         ``o`` ``(B, H, N, D)`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``. Inside ``torch.autocast``
@@ -112,6 +122,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         >>> layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)  # mask [N, N] bool
         >>> o = block_sparse_attention(q, k, v, layout)
     """
+    if perm is not None:
+        return _in_raster_order(q, k, v, layout, perm, scale=scale, return_lse=return_lse, backend=backend)
     source = layout
     scale, name, layout = _call(q, k, v, layout, scale, backend, return_lse)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
@@ -136,6 +148,28 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
         o, lse = flex_block_sparse_attention(q, k, v, layout, scale, return_lse=return_lse)
     return (o, lse) if return_lse else o
+
+
+def _in_raster_order(q, k, v, layout, perm, *, scale, return_lse: bool, backend: str):
+    """:func:`block_sparse_attention` of raster ``q``, ``k``, ``v`` under ``layout`` over ``perm``'s tiled order."""
+    from ...patterns.permutation import TilePermutation
+
+    if not isinstance(perm, TilePermutation):
+        raise TypeError(f"perm must be the TilePermutation the layout is over (perm, layout = tile_layout(...)), or "
+                        f"None for q, k, v already in the layout's order; got {type(perm).__name__}")
+    if isinstance(layout, BlockLayout) and (layout.q_len, layout.kv_len) != (perm.num_padded, perm.num_padded):
+        raise ValueError(f"perm {perm} orders {perm.num_padded} positions, but the layout was built for "
+                         f"q_len={layout.q_len}, kv_len={layout.kv_len}: pass the permutation returned with it")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[2] != perm.num_tokens:
+            raise ValueError(f"{name} {tuple(x.shape)} has {x.shape[2]} tokens (dim 2), but perm is over grid "
+                             f"{perm.grid} ({perm.num_tokens} raster tokens): with perm, q, k, v are (B, H, N, D) "
+                             "in raster order")
+    q, k, v = (perm.permute(x, dim=2) if isinstance(x, torch.Tensor) else x for x in (q, k, v))
+    out = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse, backend=backend)
+    if isinstance(out, tuple):  # (return_lse, as checked by the call)
+        return perm.unpermute(out[0], dim=2), perm.unpermute(out[1], dim=-1)
+    return perm.unpermute(out, dim=2)
 
 
 def _by_batch_chunks(run: Callable, q, k, v, layout: BlockLayout, scale: float):

@@ -39,15 +39,48 @@ def cube_masks(cubes: Cubes, device: torch.device) -> Tuple[torch.Tensor, Option
     return found
 
 
-def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
+def vsa_layout(cubes: Cubes, selection: torch.Tensor, *, check: Optional[bool] = None) -> BlockLayout:
     """The fine branch's layout on cube order: block = cube, one layout head per (batch, head) of ``selection``
     ``(B, H, Cq, k)`` (``Cq``: every cube, or a ring rank's consecutive query cubes; the key side is always every
     cube); key cubes with padding carry an element mask of their real columns. Built on the selection's device
     with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most all
     ``Cq`` query cubes, so the index lists' widths are known without reading the selection back. Each row of
-    ``selection`` must name ``k`` distinct cubes, as a top-k does (checking it would read the device): a cube
-    named twice would be visited twice. Rows are sorted here."""
+    ``selection`` must name ``k`` distinct cubes in ``[0, cubes.count)``, as a top-k does; rows are sorted here.
+
+    ``check``: whether to check those values (ValueError naming the first bad row). None, the default, checks a
+    selection on the CPU (no device to read) and not one on a GPU, where reading it back is a host sync per call
+    that a CUDA-graph capture cannot take; pass True to check there too (a debug run), False to skip. A cube out of
+    range was read from the end of the mask table (negative) or raised an indexing error from inside, and a cube
+    named twice was visited twice (its keys counted twice in the softmax), silently."""
+    _check_selection(cubes, selection, check)
     return layout_of_rows(cubes, selection.sort(-1).values)
+
+
+def _check_selection(cubes: Cubes, selection, check: Optional[bool]) -> None:
+    """:func:`vsa_layout`'s checks: the shape and dtype always (host facts), the values where ``check`` says."""
+    from ..request import in_graph
+
+    if not isinstance(selection, torch.Tensor) or selection.dim() != 4 or selection.is_floating_point() \
+            or selection.is_complex() or selection.dtype == torch.bool:
+        got = (f"{selection.dtype} {tuple(selection.shape)}" if isinstance(selection, torch.Tensor)
+               else type(selection).__name__)
+        raise ValueError(f"selection must be an integer tensor (B, H, Cq, k) of key cube indices, e.g. a top-k's "
+                         f"indices; got {got}")
+    k = selection.shape[-1]
+    if not 1 <= k <= cubes.count or not 1 <= selection.shape[2] <= cubes.count:
+        raise ValueError(f"selection {tuple(selection.shape)} must have 1 <= k <= {cubes.count} key cubes per row "
+                         f"and 1 <= Cq <= {cubes.count} query cubes (the grid's cubes)")
+    if check is None:
+        check = selection.device.type == "cpu" and not in_graph()
+    if not check or selection.device.type == "meta" or in_graph():
+        return
+    ordered = selection.sort(-1).values
+    bad = (ordered[..., 0] < 0) | (ordered[..., -1] >= cubes.count) | (ordered.diff(dim=-1) == 0).any(-1)
+    if bool(bad.any()):  # (the one host read, only where checked)
+        b, h, c = (int(i) for i in bad.nonzero()[0])
+        row = selection[b, h, c].tolist()
+        raise ValueError(f"selection[{b}, {h}, {c}] = {row} must name {k} distinct key cubes in "
+                         f"[0, {cubes.count}) (no negative, out-of-range or repeated index), as a top-k's indices do")
 
 
 def layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
