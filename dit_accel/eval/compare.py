@@ -65,6 +65,23 @@ def _rows_problem(rows: list) -> str:
     return ""
 
 
+def _check_results(results, name: str) -> None:
+    """``results`` a dict that :func:`load_results` returns; ValueError saying so (before: a folder's path was an
+    AttributeError "'str' object has no attribute 'get'", a dict of something else a KeyError 'rows')."""
+    import os
+
+    if isinstance(results, (str, os.PathLike)):
+        raise ValueError(f"{name}={os.fspath(results)!r} is a path: compare_results and unpaired_rows take "
+                         f"results, read with load_results({os.fspath(results)!r}) (the folder of a `dit-accel eval "
+                         "--out` run)")
+    problem = "" if isinstance(results, dict) and isinstance(results.get("rows"), list) \
+        and isinstance(results.get("settings"), dict) else "no settings and rows"
+    problem = problem or _rows_problem(results["rows"])
+    if problem:
+        raise ValueError(f"{name} is not a dit-accel eval results dict ({problem}): pass load_results(folder), or "
+                         "the dict run_eval returns")
+
+
 def _values(row: dict, key: str) -> dict:
     out = {}
     for s in row.get("samples") or []:
@@ -82,6 +99,8 @@ def compare_results(a: dict, b: dict) -> List[dict]:
     B - A per sample) and ``test``. ValueError when the prompts or seeds differ, or no label is shared."""
     from .provenance import same_inputs
 
+    _check_results(a, "a")
+    _check_results(b, "b")
     why = same_inputs(a, b)
     if why:
         raise ValueError(f"--compare: refusing to pair these folders: {why}")
@@ -110,6 +129,8 @@ def unpaired_rows(a: dict, b: dict) -> List[str]:
     """The rows of either folder that :func:`compare_results` could not pair, one line each: a row that failed (no
     scored samples) in A or B, or a label only one folder has. Else a method that broke after a change would leave
     the table without a word."""
+    _check_results(a, "a")
+    _check_results(b, "b")
     rows = {side: {r["label"]: r for r in results["rows"]} for side, results in (("A", a), ("B", b))}
     out = []
     for label in dict.fromkeys([*rows["A"], *rows["B"]]):

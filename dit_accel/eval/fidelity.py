@@ -178,6 +178,36 @@ def density_miss(method: Method, grid: Sequence[int], target: float) -> Optional
             "error is not compared at the target density")
 
 
+def _check_bench_args(methods, match_density, device, backend, max_files) -> None:
+    """:func:`bench_fidelity`'s arguments, before a capture is read; ValueError naming the bad one."""
+    from .._util import device_error, is_int, is_number
+    from ..pipelines.apply_checks import BACKENDS
+
+    # (before: {} gave an empty table without a word; a list was AttributeError "no attribute 'items'", a name or a
+    # class in place of a config AttributeError "'str' object has no attribute 'plan'" or a TypeError about grid)
+    example = "e.g. {'tile': dit_accel.Tile(), 'sla': dit_accel.SLA(topk=0.1)}"
+    if not isinstance(methods, dict) or not methods:
+        raise ValueError(f"methods={methods!r} is invalid: a non-empty mapping {{label: method config}}, {example}"[:400])
+    bad = next((label for label, method in methods.items() if not isinstance(method, Method)), None)
+    if bad is not None:
+        raise ValueError(f"methods[{bad!r}] is {methods[bad]!r}, not a method config: give an instance such as "
+                         f"dit_accel.Tile() (or dit_accel.method_from_name('tile')), {example}")
+    # (before: an unknown backend ran each method's default without a word, and a bad device was torch's RuntimeError
+    # after the first capture was read)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    problem = device_error(device, flag="device", advice="use device='cpu'")
+    if problem is not None:
+        raise ValueError(problem)
+    # (as `bench fidelity` checks its flags: max_files=-1 dropped the last capture, 0 gave an empty table, and
+    # match_density=0 compared the methods' own densities, each without a word)
+    if max_files is not None and not (is_int(max_files) and max_files >= 1):
+        raise ValueError(f"max_files={max_files!r} is invalid: expected an integer >= 1 (or None: every capture)")
+    if match_density is not None and not (is_number(match_density) and 0 < match_density <= 1):
+        raise ValueError(f"match_density={match_density!r} is invalid: expected a density in (0, 1] (or None: "
+                         "each method's own)")
+
+
 def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Optional[float] = None,
                    device="cpu", backend: str = "auto", max_files: Optional[int] = None, log=print) -> dict:
     """Relative L2 error and cosine similarity of each method vs dense, per captured layer.
@@ -195,15 +225,7 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
     """
     from tqdm.auto import tqdm
 
-    from .._util import is_int, is_number
-
-    # (as `bench fidelity` checks its flags: max_files=-1 dropped the last capture, 0 gave an empty table, and
-    # match_density=0 compared the methods' own densities, each without a word)
-    if max_files is not None and not (is_int(max_files) and max_files >= 1):
-        raise ValueError(f"max_files={max_files!r} is invalid: expected an integer >= 1 (or None: every capture)")
-    if match_density is not None and not (is_number(match_density) and 0 < match_density <= 1):
-        raise ValueError(f"match_density={match_density!r} is invalid: expected a density in (0, 1] (or None: "
-                         "each method's own)")
+    _check_bench_args(methods, match_density, device, backend, max_files)
     groups = capture_groups(load_capture(capture_dir))[:max_files]
     rows: List[dict] = []
     notes: List[str] = []

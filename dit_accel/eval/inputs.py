@@ -10,7 +10,7 @@ from collections import Counter
 
 from .._util import device_error, is_int, is_number, seed_error
 
-__all__ = ["check_generation_settings", "check_generation_numbers"]
+__all__ = ["check_generation_settings", "check_generation_numbers", "plain_values"]
 
 _SIZES = ("frames", "height", "width", "steps", "max_sequence_length")
 
@@ -78,10 +78,33 @@ def check_generation_numbers(sizes: dict, guidance_scale, seeds) -> None:
     _check_seeds(seeds)
 
 
+def plain_values(settings) -> None:
+    """numpy scalars (and a 1-D array, or a list or tuple of them) in ``settings``' fields made Python ones, in
+    place. Before: they passed the checks (numpy integers are integers) and failed after the model loaded, a seed in
+    ``torch.Generator().manual_seed`` ("an integer is required"), ``steps=np.int64(4)`` in the dense cache key's
+    JSON ("Object of type int64 is not JSON serializable")."""
+    import dataclasses
+
+    import numpy as np
+
+    def plain(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            return value.tolist()
+        if isinstance(value, (list, tuple)) and any(isinstance(v, np.generic) for v in value):
+            return type(value)(v.item() if isinstance(v, np.generic) else v for v in value)
+        return value
+
+    for f in dataclasses.fields(settings):
+        setattr(settings, f.name, plain(getattr(settings, f.name)))
+
+
 def check_generation_settings(settings) -> None:
     """``settings``' prompts, its numbers (:func:`check_generation_numbers`: ``frames``, ``height``, ``width``,
     ``steps``, ``max_sequence_length``, ``guidance_scale``, ``seeds``), device and dtype; ValueError naming the
-    first bad one."""
+    first bad one. numpy values in its fields are made Python ones first (:func:`plain_values`)."""
+    plain_values(settings)
     _check_prompts(settings.prompts)
     check_generation_numbers({name: getattr(settings, name) for name in _SIZES}, settings.guidance_scale,
                              settings.seeds)

@@ -11,6 +11,7 @@ cap (an MSE floor of ``1e-10`` at ``data_range=1``).
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -40,13 +41,18 @@ def to_frames(video, *, layout: Optional[str] = None) -> torch.Tensor:
         raise ValueError(f"layout={layout!r} is invalid: pass 'FHWC' or 'FCHW' ('HWC' or 'CHW' for one image), or "
                          "None to read it from the shape")
     tensor = isinstance(video, torch.Tensor)
+    _check_kind(video)
     # a list of frames (images, arrays, tensors: one per frame), not nested lists of numbers
     listed = isinstance(video, (list, tuple)) and len(video) > 0 and all(
         _is_pil(frame) or isinstance(frame, (np.ndarray, torch.Tensor)) for frame in video)
     if listed and all(_is_pil(frame) for frame in video):  # (as save_video reads them: alpha dropped, 16-bit scaled)
         from ..videos import pil_rgb
 
-        video, layout = np.stack([pil_rgb(frame) for frame in video]), layout or "FHWC"
+        video = [pil_rgb(frame) for frame in video]
+        _check_frame_shapes(video)
+        video, layout = np.stack(video), layout or "FHWC"
+    elif listed:
+        _check_frame_shapes(video)
     x = torch.as_tensor(np.asarray(video) if not tensor else video)
     shape, image = tuple(x.shape), x.dim() == 3 and not listed
     if image:  # a single image
@@ -97,6 +103,27 @@ def to_frames(video, *, layout: Optional[str] = None) -> torch.Tensor:
     return x.float().clamp(0.0, 1.0).contiguous()
 
 
+def _check_kind(video) -> None:
+    """A video given as an array, a tensor or a list of frames; else a TypeError saying what to pass (before: numpy's
+    "can't convert np.ndarray of type numpy.str_" for a video file's path, or numpy.object_ for None)."""
+    if isinstance(video, (str, os.PathLike)):
+        raise TypeError(f"video={os.fspath(video)!r} is a path: the metrics score frames, not files; read it first "
+                        "with dit_accel.videos.load_video(path) and pass the array it returns")
+    if not isinstance(video, (np.ndarray, torch.Tensor, list, tuple)) and not _is_pil(video):
+        raise TypeError(f"video must be frames: an array or tensor [F, H, W, 3] or [F, 3, H, W], or a list of frames "
+                        f"(images or arrays); got {type(video).__name__}")
+
+
+def _check_frame_shapes(frames) -> None:
+    """The frames of a list all of one shape (before: numpy's "inhomogeneous shape after 1 dimensions")."""
+    shapes = [tuple(np.shape(frame)) for frame in frames]
+    other = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+    if other is not None:
+        raise ValueError(f"video's frames differ in shape: frame 0 is {shapes[0]}, frame {other} is {shapes[other]}; "
+                         "every frame of a video must have one size and layout (resize or crop them to one, as the "
+                         "generation made them)")
+
+
 def _is_pil(x) -> bool:
     from PIL import Image
 
@@ -110,6 +137,11 @@ def as_rgb(frames: torch.Tensor) -> torch.Tensor:
 
 
 def _check_pair(pred: torch.Tensor, ref: torch.Tensor) -> None:
+    if pred.shape != ref.shape and pred.shape[::2] + pred.shape[3:] == ref.shape[::2] + ref.shape[3:]:
+        # (before: told to generate both with the same sizes, which they had)
+        raise ValueError(f"frame shapes differ in their colour channels only: method {tuple(pred.shape)} vs dense "
+                         f"{tuple(ref.shape)} [F, C, H, W]; one video is grey and the other RGB: score both as RGB, "
+                         "each as as_rgb(to_frames(video))")
     if pred.shape != ref.shape:
         raise ValueError(f"frame shapes differ: method {tuple(pred.shape)} vs dense {tuple(ref.shape)}; "
                          "generate both with the same --frames/--height/--width")

@@ -102,10 +102,37 @@ def _missing(value) -> bool:
     return value is None or math.isnan(float(value))
 
 
+def _check_interval(level, seed, resamples: int = 1) -> None:
+    """``level`` a fraction in (0, 1), ``seed`` an integer >= 0 and ``resamples`` an integer >= 1; ValueError naming
+    the argument. Before: level=95 (a percentage) failed as "p must lie in (0, 1); got 48.0", level=0 gave a
+    zero-width interval without a word, and resamples=0 or seed=-1 were numpy's IndexError or ValueError."""
+    from .._util import is_int, is_number
+
+    if not (is_number(level) and 0 < level < 1):
+        raise ValueError(f"level={level!r} is invalid: the interval's coverage as a fraction in (0, 1), e.g. 0.95 "
+                         f"(the default {1.0 - ALPHA:g}; not a percentage)")
+    if not (is_int(seed) and seed >= 0):
+        raise ValueError(f"seed={seed!r} is invalid: the bootstrap's seed, an integer >= 0")
+    if not (is_int(resamples) and resamples >= 1):
+        raise ValueError(f"resamples={resamples!r} is invalid: the number of bootstrap resamples, an integer >= 1 "
+                         "(default 2000)")
+
+
+def _check_finite(values: Sequence, name: str) -> None:
+    """No infinite entry (None and NaN are missing ones, dropped). Before: an inf, as another tool's PSNR of
+    identical frames, made the mean inf and the interval, t and p NaN, reported as "not significant"."""
+    bad = next((i for i, v in enumerate(values) if not _missing(v) and math.isinf(float(v))), None)
+    if bad is not None:
+        raise ValueError(f"{name}[{bad}] is {values[bad]!r}: the statistics need finite values; cap it (a PSNR of "
+                         "identical frames: dit_accel.eval.metrics.PSNR_CAP, as psnr_per_frame does) or pass None "
+                         "for a missing sample")
+
+
 def bootstrap_ci(values: Sequence[float], clusters: Optional[Sequence] = None, *, resamples: int = 2000,
                  seed: int = 0, level: float = 1.0 - ALPHA) -> Optional[tuple]:
     """Percentile bootstrap interval of the mean, resampling whole ``clusters`` (e.g. prompts, so that the
     seeds of one prompt stay together) with a fixed ``seed``; None for fewer than 2 clusters."""
+    _check_interval(level, seed, resamples)
     x = np.asarray(values, dtype=np.float64)
     labels = list(range(len(x))) if clusters is None else list(clusters)
     if len(labels) != len(x):
@@ -133,7 +160,9 @@ def summarize(values: Sequence[Optional[float]], clusters: Optional[Sequence] = 
     for n < 2), ``ci_bootstrap`` (over ``clusters``, see :func:`bootstrap_ci`), ``meaningful`` (n >=
     :data:`MIN_PAIRS`) and ``note`` when it is not.
     """
+    _check_interval(level, seed)
     values = list(values)
+    _check_finite(values, "values")
     if clusters is not None and len(clusters) != len(values):  # (zip dropped the values past the shorter list)
         raise ValueError(f"clusters: {len(clusters)} labels for {len(values)} values; give one label per value")
     pairs = [(v, c) for v, c in zip(values, clusters if clusters is not None else range(len(values)))
@@ -162,6 +191,8 @@ def paired_test(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> O
     Identical differences (zero spread) give p = 1 when they are all 0, else p = 0."""
     if len(a) != len(b):
         raise ValueError(f"paired_test needs aligned samples; got {len(a)} and {len(b)}")
+    _check_finite(list(a), "a")
+    _check_finite(list(b), "b")
     d = np.array([float(x) - float(y) for x, y in zip(a, b)
                   if x is not None and y is not None and not math.isnan(float(x)) and not math.isnan(float(y))])
     n = len(d)
