@@ -41,6 +41,7 @@ from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
 from .patterns.checks import (as_grid, check_options, check_search, flag, int_or_tuple, number_in, per_dim, per_head,
                               positive_int, share_beside)
+from .patterns.config_helpers import freeze as _freeze, layer_step
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
@@ -208,11 +209,6 @@ def method_from_name(name: str, **options) -> Method:
     method = entry.cls(**options)
     method.check_record(record)  # (a record's ran_dict, fed back: its file must still hold what ran)
     return method
-
-
-def _freeze(obj, **values) -> None:
-    for key, value in values.items():
-        object.__setattr__(obj, key, value)
 
 
 # ------------------------------------------------------------------ the built-in methods
@@ -557,7 +553,8 @@ class TileStrategy(Method):
 
     def for_layer_step(self, layer: int, step: int) -> Optional[Tile]:
         """The :class:`Tile` (per-head windows) that ``layer`` runs at ``step``; None (dense) when not listed."""
-        key = (int(step), int(layer))
+        layer, step = layer_step("TileStrategy.for_layer_step", layer, step)
+        key = (step, layer)
         tile = self._tiles.get(key)
         if tile is None and key in self._table:
             made = Tile(tile=self.tile, window=self._table[key])

@@ -400,6 +400,9 @@ class Family:
         caller: ``(stack frame, q) -> module or None``: for a model that makes attention calls outside any module's
             ``forward`` (SD3's module-level ``_block_mixing``), the layer module a frame's call belongs to; the
             stack walk asks it before it reads a frame's ``self``. None: the innermost module decides.
+        config_keys: ``((Diffusers config key, ComfyUI unet_config key), ...)``: the entries of the model's config
+            that are one value on both hosts (Wan's ``in_channels``, ComfyUI's ``in_dim``), which a plan's
+            recorded ``model_config`` is compared on. Empty: not compared (the mapping is not checked).
     """
 
     name: str
@@ -415,6 +418,7 @@ class Family:
     references: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
     alone: Optional[Callable[[nn.Module], List[nn.Module]]] = None
     caller: Optional[Callable[[object, object], Optional[nn.Module]]] = None
+    config_keys: Tuple[Tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.hook not in HOOKS:
@@ -423,22 +427,35 @@ class Family:
             raise ValueError(f"Family {self.name!r}: references need a text position and an exact off_grid count")
 
 
+# Diffusers' Wan config entries that are ComfyUI's WanModel constructor arguments (its unet_config) one to one: the
+# patch embedding's input channels (16 T2V, 36 I2V and Animate, 48 Wan 2.2 TI2V), the head's output channels, blocks,
+# heads, and the sizes both build the same way. Not compared: attention_head_dim (ComfyUI has dim), qk_norm (a norm
+# name against a flag), image_dim and added_kv_proj_dim (ComfyUI tells I2V by model_type), VACE's vace_layers (a list
+# of blocks against a count). The other families compare nothing: their mapping is not checked here (FLUX's
+# in_channels, for one, counts 2x2-packed latent channels in Diffusers, not ComfyUI's).
+_WAN_CONFIG = (("in_channels", "in_dim"), ("out_channels", "out_dim"), ("num_layers", "num_layers"),
+               ("num_attention_heads", "num_heads"), ("ffn_dim", "ffn_dim"), ("freq_dim", "freq_dim"),
+               ("text_dim", "text_dim"), ("patch_size", "patch_size"), ("cross_attn_norm", "cross_attn_norm"),
+               ("eps", "eps"))
+
 FAMILIES: Tuple[Family, ...] = (
     # [ref_conv reference, video, Phantom subject frames]: a plain call has neither, its calls the video alone
     Family("Wan", ("WanModel", "CameraWanModel"), "WanTransformer3DModel", "first", _wan_layers, _wan_grid,
            "Wan 2.1 and 2.2, T2V and I2V (the I2V image tokens go through cross-attention, which stays dense); "
            "Wan Fun Camera (CameraWanModel: camera conditions add to the patch embedding; no Diffusers class); "
            "Wan 2.2 Fun's reference image (ref_conv, before the video) and Phantom's subject frames "
-           "(time_dim_concat, after it) dense", _ref_conv_tokens, references=_time_concat_tokens),
+           "(time_dim_concat, after it) dense", _ref_conv_tokens, references=_time_concat_tokens,
+           config_keys=_WAN_CONFIG),
     Family("Wan HuMo", ("HumoWanModel",), "WanTransformer3DModel", "last", _wan_layers, _wan_grid,
            "Wan HuMo (no Diffusers class: Wan 2.1's settings): blocks.*.self_attn; the reference latent frames "
-           "appended after the video run dense, audio cross-attention dense"),
+           "appended after the video run dense, audio cross-attention dense", config_keys=_WAN_CONFIG),
     Family("Wan VACE", ("VaceWanModel",), "WanVACETransformer3DModel", "first", _vace_layers, _vace_grid,
            "Wan VACE: blocks.*.self_attn then vace_blocks.*.self_attn (the control stream, same tokens); leading "
-           "reference frames dense", _leading_frames),
+           "reference frames dense", _leading_frames,
+           config_keys=(*_WAN_CONFIG, ("vace_in_channels", "vace_in_dim"))),
     Family("Wan Animate", ("AnimateWanModel",), "WanAnimateTransformer3DModel", "first", _wan_layers,
            _animate_grid, "Wan 2.2 Animate: blocks.*.self_attn; the leading reference frame dense, face adapter "
-           "and CLIP/text cross-attention dense", _leading_frames),
+           "and CLIP/text cross-attention dense", _leading_frames, config_keys=_WAN_CONFIG),
     Family("HunyuanVideo", ("HunyuanVideo",), "HunyuanVideoTransformer3DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanVideo T2V and I2V: double blocks then single blocks, [video, text] with padded "
            "text masked; a ref_latent (before the video) dense", _text_tokens, _hunyuan_video,

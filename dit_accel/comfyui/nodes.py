@@ -20,6 +20,7 @@ import os
 import re
 from typing import Dict, Optional, Tuple
 
+from .._util import is_int
 from ..cli.options import int_list, int_tuple
 from ..methods import CliOption, method_from_name, registered_methods
 from ..pipelines.apply_checks import BACKENDS
@@ -55,10 +56,15 @@ def _text(value) -> str:
     return str(value)
 
 
-def _path_text(value) -> str:
+def _path_text(value, widget: str = "path") -> str:
     """A path widget's text without surrounding whitespace and one pair of surrounding quotes ("C:\\x\\plan.json"
-    from Windows' "Copy as path"), a leading ``~`` as the user's home (no shell expands it in a widget)."""
-    text = str(value).strip()
+    from Windows' "Copy as path"), a leading ``~`` as the user's home (no shell expands it in a widget). Text only:
+    ComfyUI converts a typed value, not one linked from another node's output (an any-type node's None read as the
+    path "None")."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"dit_accel: widget {widget}={value!r} is invalid: a path (text); the node linked to it "
+                         f"gives {type(value).__name__}")
+    text = os.fspath(value).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1]
     return os.path.expanduser(text) if text.startswith("~") else text
@@ -229,7 +235,20 @@ def _value(name: str, field: dataclasses.Field, opt: CliOption, value):
     return text
 
 
-def _layers(text: str):
+def _whole(name: str, value) -> int:
+    """An INT widget's value: ComfyUI converts a typed one, not one linked from another node's output (a math node's
+    2.7 ran as 2; None or text failed in int() without the widget's name). Its range is patch_model's to check."""
+    if is_int(value) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: a whole number of steps >= 0 (0: none)")
+
+
+def _layers(text):
+    if text is not None and not isinstance(text, str):  # (linked from an any-type node: patch_model checks it)
+        if is_int(text) or isinstance(text, (list, tuple)):
+            return text
+        raise ValueError(f"dit_accel: widget dense_layers={text!r} is invalid: N (the first N layers), a list like "
+                         "0,5,7, or empty")
     text = (text or "").strip()
     if not text:
         return None
@@ -245,7 +264,8 @@ def _layers(text: str):
 def _options(widgets: dict) -> dict:
     """patch_model's keyword arguments from the common widgets."""
     sigma = widgets.get("dense_above_sigma", 0.0)  # 0: off; anything else (NaN too) goes to patch_model's check
-    return dict(dense_steps=int(widgets.get("dense_steps", 0)), dense_last_steps=int(widgets.get("dense_last_steps", 0)),
+    return dict(dense_steps=_whole("dense_steps", widgets.get("dense_steps", 0)),
+                dense_last_steps=_whole("dense_last_steps", widgets.get("dense_last_steps", 0)),
                 dense_above_sigma=None if sigma is None or sigma == 0 else sigma,
                 dense_layers=_layers(widgets.get("dense_layers", "")), backend=widgets.get("backend", "auto"))
 
@@ -436,7 +456,7 @@ class PlanNode:
         from ..plans.sparse_plan import SparsePlan
         from .patch import patch_model
 
-        path = _path_text(plan_path)
+        path = _path_text(plan_path, "plan_path")
         if not path:
             raise ValueError("dit_accel: widget plan_path is empty: give the path of a plan JSON written by "
                              "dit-accel calibrate")
@@ -449,7 +469,7 @@ class PlanNode:
             raise _for_another_node("plan_path", path, kind, "a plan")
         _check_not_a_report(path)
         plan = SparsePlan.load(path)
-        return (patch_model(model, plan, backend=backend, allow_other_grid=bool(allow_other_grid)),)
+        return (patch_model(model, plan, backend=backend, allow_other_grid=allow_other_grid),)
 
 
 class FinetunedNode:
@@ -491,7 +511,7 @@ class FinetunedNode:
         from ..plans.sparse_plan import SparsePlan
         from .patch import patch_model
 
-        folder = _path_text(weights_path)
+        folder = _path_text(weights_path, "weights_path")
         if not folder:
             raise ValueError("dit_accel: widget weights_path is empty: give a dit-accel finetune output folder")
         if expert not in EXPERTS:
@@ -514,7 +534,7 @@ class FinetunedNode:
         # phases hold its own)
         dense_layers = None if isinstance(method, SparsePlan) else read_weights_info(folder).get("dense_layers")
         try:
-            return (patch_model(model, method, backend=backend, allow_other_grid=bool(allow_other_grid),
+            return (patch_model(model, method, backend=backend, allow_other_grid=allow_other_grid,
                                 dense_layers=dense_layers, weights=folder, lora_strength=lora_strength,
                                 expert=expert),)
         except (ValueError, TypeError) as err:  # (the node has no dense_layers widget: the folder's are named)

@@ -15,6 +15,7 @@ from .._util import WarningLog, is_int
 from ..kernels.checks import check_flag
 from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers, _warn_unknown_strategy_layers
+from ..plans.model_config import check_model_config
 from ..plans.sparse_plan import SparsePlan
 from .families import HOOKS, WHAT_TO_DO, family_for, refusal, supported
 from .merges import watch_merges
@@ -181,10 +182,12 @@ def _check_heads(model_name: str, layers, methods) -> None:
                              f"{model_name}'s self-attention layers run {', '.join(map(str, known))} heads: {fix}")
 
 
-def _check_plan_model(method, family, model_name: str, layers) -> None:
+def _check_plan_model(method, family, model_name: str, layers, config=None) -> None:
     """A plan made for this model (its Diffusers class), layers and heads; its refusal says what this MODEL is, as
     ComfyUI names it (the plan's own said "this pipeline's transformer is WanTransformer3DModel": no pipeline, and
-    not the class ComfyUI shows)."""
+    not the class ComfyUI shows). A plan calibrated on another model of the class, layers and heads (Wan 2.1 I2V's
+    on T2V: ``in_channels`` 36 against 16) is run with ``dit_accel.apply``'s warning, from ``config``
+    (:func:`_model_config`)."""
     if not hasattr(method, "check_model"):
         return
     try:
@@ -195,6 +198,24 @@ def _check_plan_model(method, family, model_name: str, layers) -> None:
         if text == str(err):
             raise
         raise ValueError(f"dit_accel: {text}") from None
+    plan = getattr(method, "sparse_plan", method)
+    if config and hasattr(plan, "_name"):
+        warning = check_model_config(plan._name(), getattr(plan, "provenance", None) or {}, config)
+        if warning:
+            LOG.warning("dit_accel: %s", warning)
+
+
+def _model_config(model, inner, family) -> Optional[dict]:
+    """This MODEL's config entries under Diffusers' names (``family.config_keys``): ComfyUI's ``unet_config``, else
+    the diffusion model's attribute of that name; None for a family that maps none."""
+    unet = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None)
+    unet = unet if isinstance(unet, dict) else {}
+    out = {}
+    for ours, theirs in family.config_keys:
+        value = unet[theirs] if theirs in unet else getattr(inner, theirs, None)
+        if value is not None:
+            out[ours] = value
+    return out or None
 
 
 def _call_check(method: Method, allow_other_grid: bool):
@@ -289,7 +310,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     _warn_unknown_strategy_layers((method, *layer_methods.values()), len(layers), type(inner).__name__, log)
     for message in log.messages:  # (e.g. dense_layers covering every layer) into ComfyUI's log too
         LOG.warning(message)
-    _check_plan_model(method, family, type(inner).__name__, layers)
+    _check_plan_model(method, family, type(inner).__name__, layers, _model_config(model, inner, family))
     patch = Patch(family, inner, layers, schedule, backend, dense_above_sigma, _call_check(method, allow_other_grid))
     clone = model.clone()
     if weights is not None:

@@ -5,7 +5,8 @@ a plan calibrated on one ran on the other without a word, though its quality was
 configs differ (``in_channels`` 16 against 36, ``image_dim``, ``added_kv_proj_dim``). A plan calibrated now records
 the config (:func:`model_config`, in ``provenance.model_config``); applying it to a transformer whose config differs
 warns, naming the differing entries (:func:`config_differences`). Plans without the record (older ones, FastVideo
-strategies) and hosts without a Diffusers config (ComfyUI's models) are not compared.
+strategies) are not compared; a host without a Diffusers config passes the entries it can name as Diffusers names
+them, as a mapping (ComfyUI's node: :attr:`dit_accel.comfyui.families.Family.config_keys`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def _plain(value: Any) -> Optional[Any]:
 
 def model_config(transformer) -> Optional[Dict[str, Any]]:
     """The public entries of ``transformer.config`` (a Diffusers model's; ``_name_or_path``, ``_class_name`` and
-    the other ``_``-named ones left out) that are plain data, sorted by name; None for a model without a config."""
-    config = getattr(transformer, "config", None)
+    the other ``_``-named ones left out) that are plain data, sorted by name; None for a model without a config.
+    ``transformer`` may be such a config itself, a mapping (a host's own entries under Diffusers' names)."""
+    config = transformer if isinstance(transformer, Mapping) else getattr(transformer, "config", None)
     if not isinstance(config, Mapping):
         return None
     out = {}

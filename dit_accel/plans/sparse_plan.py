@@ -38,6 +38,7 @@ import torch
 
 from .._util import file_in_the_way, is_int, to_jsonable, versions
 from ..methods import Dense, Method, Tile, TileStrategy
+from ..patterns.config_helpers import layer_step
 from .per_head import PerHead
 
 from .plan_json import (_CALL_COUNTS, _PHASE_FIELDS, _PLAN_FIELDS, FORMAT, FORMAT_VERSION,  # noqa: F401
@@ -212,6 +213,33 @@ _HOST_HINTS = {
 }
 
 
+def _whole(n) -> bool:
+    """An int-valued count: a Python or NumPy int, a traced SymInt or a 0-d integer tensor (as a GridInfo's sizes)."""
+    if isinstance(n, torch.Tensor):
+        return n.dim() == 0 and not n.is_floating_point() and not n.is_complex() and n.dtype != torch.bool
+    return is_int(n) or isinstance(n, torch.SymInt)
+
+
+def _check_call_args(grid, total_steps, host, step) -> Tuple[int, ...]:
+    """:meth:`SparsePlan.check_call`'s arguments, the grid as a tuple of ints: a TypeError / ValueError naming the
+    argument (``grid="abc"`` read as the grid (a, b, c) failed in int(); a grid of 3.5 frames ran as 3)."""
+    owner = "SparsePlan.check_call"
+    if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3 or not all(map(_whole, grid)):
+        raise TypeError(f"{owner}(grid={grid!r}) is invalid: the call's token grid, 1 to 3 ints >= 1 such as "
+                        "(21, 30, 52) (frames, rows, columns)")
+    sizes = tuple(int(g) for g in grid)
+    if min(sizes) < 1:
+        raise ValueError(f"{owner}(grid={sizes!r}) is invalid: every size of the token grid is >= 1")
+    for name, value, low, what in (("total_steps", total_steps, 1, "the run's number of denoising steps"),
+                                   ("step", step, 0, "the call's denoising step, from 0")):
+        if value is not None and (not _whole(value) or int(value) < low):
+            raise (TypeError if not _whole(value) else ValueError)(
+                f"{owner}({name}={value!r}) is invalid: an int >= {low} ({what}), or None (not known)")
+    if host not in _HOST_HINTS:
+        raise ValueError(f"{owner}(host={host!r}) is invalid: choose one of {', '.join(map(repr, _HOST_HINTS))}")
+    return sizes
+
+
 def _size_text(call: dict, host: str) -> str:
     """The calibration call's size as the host sets it (`` (--frames 81 --height 480 --width 832)``, or ComfyUI's
     `` (81 frames of 480x832)``); "" when the plan did not record it."""
@@ -288,6 +316,7 @@ class SparsePlan:
     # -------------------------------------------------------------- queries
     def for_layer_step(self, layer: int, step: int) -> Optional[Method]:
         """The method ``layer`` runs at ``step``; None where the plan runs dense."""
+        layer, step = layer_step("SparsePlan.for_layer_step", layer, step)
         for phase in self.phases:
             if phase.covers(step):
                 method = phase.method(layer)
@@ -592,8 +621,8 @@ class SparsePlan:
         does not cover is allowed with ``allow_other_grid``, and the warning to give is returned. ``host``
         (``"diffusers"`` or ``"comfyui"``): whose settings the messages name. ``step``: the call's step, checked
         when the total is unknown (``handle.set_step(i)``): a step past the plan's last ran dense, unsaid."""
-        name, grid = self._name(), tuple(int(g) for g in grid)
-        hints = _HOST_HINTS[host]
+        grid = _check_call_args(grid, total_steps, host, step)
+        name, hints = self._name(), _HOST_HINTS[host]
         warning = None
         grids = [tuple(g) for g in self.provenance.get("grids") or ()]
         if grids and grid not in grids:

@@ -1,0 +1,29 @@
+"""Small helpers of the method configs (:mod:`dit_accel.methods`), kept apart so that file stays one screen of
+configs: setting a frozen config's checked fields, and the checked ``(layer, step)`` of a per-call query."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from .._util import is_int
+
+__all__ = ["freeze", "layer_step"]
+
+_WHAT = {"layer": "the attention layer, counted from 0 in model order",
+         "step": "the denoising step, counted from 0 (both classifier-free-guidance calls of a step share it)"}
+
+
+def freeze(obj, **values) -> None:
+    """Set fields of a frozen dataclass (its ``__post_init__``'s checked, normalised values)."""
+    for key, value in values.items():
+        object.__setattr__(obj, key, value)
+
+
+def layer_step(owner: str, layer, step) -> Tuple[int, int]:
+    """``(layer, step)`` as ints, or a TypeError (not an int: ``"0"``, ``1.5``) / ValueError (negative) naming
+    ``owner`` (``"TileStrategy.for_layer_step"``), the argument and what it counts."""
+    for name, value in (("layer", layer), ("step", step)):
+        if not is_int(value) or value < 0:
+            raise (TypeError if not is_int(value) else ValueError)(
+                f"{owner}({name}={value!r}) is invalid: an int >= 0, {_WHAT[name]}")
+    return int(layer), int(step)
