@@ -22,7 +22,8 @@ def test_eval_quiet_leaves_the_dense_cache_line_off_the_terminal(tmp_path, capsy
     """Before: ``dit-accel eval --quiet`` still printed ``dense: 1 generated, 0 from cache (...)``, a progress line;
     without --quiet it is printed, and the counts stay in report.md either way."""
     argv = ["eval", "--model", "tiny-wan", "--methods", "dense", "--steps", "1", "--warmup", "0", "--no-lpips",
-            "--floor-backend", "none", "--out", str(tmp_path / "q")]
+            "--floor-backend", "none", "--prompt", "a red circle", "--frames", "5", "--height", "32", "--width", "32",
+            "--out", str(tmp_path / "q")]
     assert main(argv + ["--quiet"]) == 0
     captured = capsys.readouterr()
     assert "from cache" not in captured.out + captured.err

@@ -59,7 +59,7 @@ def test_calibrate_on_a_full_disk_names_the_file_in_one_line(tmp_path, capsys, m
     code = main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--min-psnr", "25", "--out",
                  str(out), "--phases", "1", "--warmup-candidates", "1", "--candidates", "small", "--methods", "tile",
                  "--search-iters", "1", "--cost-terms", "tiles", "--no-progress", "--quiet", "--seeds", "0",
-                 "--validate", "1"])
+                 "--steps", "2", "--validate", "1"])  # (2 steps: the write that fails comes after the search)
     line = _error_line(capsys)
     assert code != 0 and "No space left on device" in line and str(out) in line, line
     assert not out.exists()
