@@ -19,11 +19,20 @@ def check_tensor(name: str, t) -> None:
     """``t`` is a 4-D (B, H, N, D) tensor of a supported float dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D); got {type(t).__name__}")
-    if t.dim() != 4:
+    if t.dim() != 4:  # (it said "Reshape (B, N, H, D) inputs with .transpose(1, 2)", which leaves a 3-D tensor 3-D)
         raise ValueError(f"{name} must have 4 dims (B, H, N, D) like scaled_dot_product_attention; got shape "
-                         f"{tuple(t.shape)}. Reshape (B, N, H, D) inputs with .transpose(1, 2).")
+                         f"{tuple(t.shape)}. {_FOUR_DIMS.get(t.dim(), 'Reshape it to (B, H, N, D).')}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}. Cast it first.")
+
+
+#: What to do with a tensor of this many dims where (B, H, N, D) is expected (:func:`check_tensor`).
+_FOUR_DIMS = {
+    2: "Add batch and head dims: x[None, None] for one sequence of one head (N, D).",
+    3: "Add the missing dim: x.unsqueeze(1) for (B, N, D) with one head, x.unsqueeze(0) for (H, N, D) with one "
+       "batch, or x.unflatten(-1, (H, D)).transpose(1, 2) for (B, N, H*D) hidden states.",
+    5: "Split a packed projection first: q, k, v = x.unbind(2) for (B, N, 3, H, D), then .transpose(1, 2) each.",
+}
 
 
 def check_qkv(q, k, v) -> None:
@@ -39,11 +48,26 @@ def check_qkv(q, k, v) -> None:
     b, h, _, d = q.shape
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(f"k/v must be (B, H, M, D) with q's B={b}, H={h}, D={d}; got {tuple(k.shape)}. "
-                         "Repeat k/v heads for grouped-query attention.")
+                         + _kv_advice(q.shape, k.shape))
     if q.numel() == 0 or k.numel() == 0:  # (a head count or head dim of 0 divided by zero deep inside, or killed
         # the process in the CPU attention op; keys of length 0 leave a softmax over nothing)
         raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must have no empty dimension: B, H, N, M "
                          "and D are each >= 1 (skip the call for an empty batch)")
+
+
+def _kv_advice(q_shape, k_shape) -> str:
+    """What to do about k/v whose B, H or D differ from q's (it said "Repeat k/v heads" for each of them)."""
+    (b, h, _, d), (bk, hk, _, dk) = q_shape, k_shape
+    if dk != d:
+        return (f"q and k/v need one head dim (q's D={d}, k/v's {dk}): project them to one, or split a packed "
+                "head dim first")
+    if bk != b:
+        return (f"k/v hold batch {bk}, q batch {b}: "
+                + ("expand them to q's batch (k.expand(B, -1, -1, -1))" if bk == 1 else "pass one batch for all"))
+    if hk < h and h % hk == 0:
+        return (f"grouped-query attention ({hk} k/v heads for {h} query heads) is not supported: repeat the k/v "
+                f"heads, k.repeat_interleave({h // hk}, dim=1)")
+    return f"k/v have {hk} heads and q {h}: pass k and v with q's {h} heads"
 
 
 def check_scale(scale, head_dim: int) -> float:

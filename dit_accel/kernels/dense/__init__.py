@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ..checks import sdpa_autocast
 from ..request import forward_ad, in_functorch, kernel_backward
 
 __all__ = ["dense_attention", "dense_contenders", "fastest_attention", "triton_variant", "DENSE_CONTENDERS"]
@@ -48,6 +49,7 @@ class _DenseAttention(torch.autograd.Function):
         return (*dense_backward(do, q, k, v, o, lse, ctx.scale, dlse), None)
 
 
+@sdpa_autocast  # (SDPA's casts: a mixed q, k, v inside a region was refused, and fp32 ones returned fp32)
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                     return_lse: bool = False):
     """Dense softmax attention with the in-repo Triton kernels (forward and backward).
@@ -58,6 +60,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
             tensors (shape inference) the outputs are shaped meta tensors and nothing runs.
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the fp32 natural-log log-sum-exp ``(B, H, N)``.
+
+    Inside ``torch.autocast`` q, k and v are cast as SDPA's are (:func:`~dit_accel.kernels.checks.autocast_qkv`):
+    ``o`` in the region's dtype.
 
     Example::
 
@@ -83,21 +88,27 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     return (o, lse) if return_lse else o
 
 
+@sdpa_autocast
 def fastest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                       return_lse: bool = False):
     """Dense softmax attention on the fastest dense kernel measured on this machine (:mod:`.choice`):
     ``o``, or ``(o, lse)`` with ``lse`` the fp32 natural-log log-sum-exp ``(B, H, N)`` (both differentiable).
+    Inside ``torch.autocast`` q, k and v are cast as SDPA's are: ``o`` in the region's dtype.
 
     Example::
 
         >>> o, lse = fastest_attention(q, k, v, return_lse=True)  # then merge_attention(o, lse, o2, lse2)
     """
-    from ..checks import check_flag, check_qkv, check_scale
+    from ..checks import check_flag, check_qkv, check_scale, meta_outputs
     from .choice import run
 
     check_qkv(q, k, v)
     check_flag("return_lse", return_lse)
-    o, lse = run(q, k, v, check_scale(scale, q.shape[-1]), return_lse)
+    scale = check_scale(scale, q.shape[-1])
+    if q.device.type == "meta":  # (shape inference, as dense_attention's: with the lse it said no kernel returns one)
+        o, lse = meta_outputs(q, k, v)
+    else:
+        o, lse = run(q, k, v, scale, return_lse)
     return (o, lse) if return_lse else o
 
 

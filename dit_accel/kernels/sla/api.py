@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..backends import Request, env_value, resolve
+from ..backends import Request, check_backend_name, env_value, resolve
 from ..checks import check_flag, check_qkv, check_scale, sdpa_autocast, unit_stride
 from ..request import forward_ad, in_functorch, records_grad, tracing
 from .common import SLAParams, classify_checked, sla_block_counts
@@ -170,6 +170,10 @@ def _prepare(q, k, v, method, proj, scale, backend):
 def _decide(q, k, v, method, proj, scale, backend):
     method = SLAParams.of(method)
     scale = _check(q, k, v, proj, scale)
+    if q.device.type == "meta":  # (shape inference runs the twin's ops, as auto does: a forced "triton" was refused
+        # here, where block_sparse_attention and vsa_attention shape-infer under it)
+        check_backend_name(backend)
+        backend = "torch"
     # SLA has no FlexAttention variant: a pipeline-wide backend="flex" runs the PyTorch twin. The twin
     # runs anything, so an explicit "torch" needs no resolving (the plans pass what they resolved).
     if backend != "torch":

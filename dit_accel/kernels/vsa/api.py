@@ -15,8 +15,10 @@ length of the cube), and never take softmax mass. :mod:`.naive` is the twin the 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..._util import is_number
@@ -40,7 +42,18 @@ DEFAULT_TILE = (4, 4, 4)
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) or type(x).__name__ in ("int64", "int32")
+    """A Python or numpy integer, not a bool (numpy's int8 to uint64 too: only int32 and int64 were taken)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _as_ints(x):
+    """A 1-D integer numpy array or tensor as a list (``np.array(latents.shape[2:]) // patch``): one was told it
+    was not "positive ints"; anything else unchanged."""
+    if isinstance(x, torch.Tensor):
+        ints = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    else:
+        ints = isinstance(x, np.ndarray) and x.dtype.kind in "iu"
+    return x.tolist() if ints and x.ndim == 1 else x
 
 
 def check_vsa_config(topk, sparsity, tile, *, owner: str = "") -> Tuple[Optional[int], Optional[float],
@@ -58,6 +71,7 @@ def check_vsa_config(topk, sparsity, tile, *, owner: str = "") -> Tuple[Optional
             raise ValueError(f"{owner}sparsity={sparsity!r} is invalid: expected a number in [0, 1) (the fraction "
                              "of key cubes skipped; 1 would keep none, and at least one is always kept)")
         sparsity = float(sparsity)
+    tile = _as_ints(tile)
     if _is_int(tile):
         tile = (int(tile),) * 3
     if not isinstance(tile, (tuple, list)) or len(tile) != 3 or not all(_is_int(t) and int(t) >= 1 for t in tile):
@@ -70,6 +84,7 @@ def check_vsa_grid(grid, *, owner: str = "") -> Tuple[int, int, int]:
     """A video token grid ``(T, H, W)`` of positive ints (a grid smaller than the tile is fine: one cube)."""
     if isinstance(grid, torch.Size):
         grid = tuple(grid)
+    grid = _as_ints(grid)
     if not isinstance(grid, (tuple, list)) or not all(_is_int(g) and int(g) >= 1 for g in grid):
         raise ValueError(f"{owner}grid={grid!r} is invalid: expected the video token grid (T, H, W) of positive ints")
     if len(grid) != 3:
