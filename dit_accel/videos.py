@@ -32,9 +32,10 @@ from .atomic_files import (BadFileError, atomic_write, commit_files, commit_jour
                            is_temp_name, locked, remove_stale_temps)
 
 __all__ = ["save_video", "video_files", "load_video", "count_frames", "to_uint8_frames", "output_files",
-           "frames_journal", "pending_journals", "pil_rgb", "VIDEO_SUFFIXES"]
+           "frames_journal", "pending_journals", "pil_rgb", "VIDEO_SUFFIXES", "MAX_FPS"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
+MAX_FPS = 1000  # frames per second save_video takes: far past what a player shows
 _GIF_TAG = b"dit_accel"
 
 
@@ -130,7 +131,7 @@ def save_video(frames, path, fps: int = 16) -> Path:
             or float in ``[0, 1]``), see :func:`to_uint8_frames`.
         path: output path; the suffix picks the format (module docstring).
             Parent folders are created.
-        fps: frames per second for mp4 and gif.
+        fps: frames per second for mp4 and gif, from 0.01 to :data:`MAX_FPS`.
 
     Example::
 
@@ -156,8 +157,11 @@ def _checked(frames, path, fps) -> tuple:
     """:func:`save_video`'s arguments checked: ``(uint8 frames, path, suffix, fps)``; the parent folder made."""
     arr = to_uint8_frames(frames)
     # (NaN and inf pass "> 0" and failed deep in ffmpeg or the GIF writer; numpy numbers are numbers)
-    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not math.isfinite(fps) or fps < 0.01:
-        raise ValueError(f"fps={fps!r} is invalid: must be a finite number >= 0.01 (frames per second), e.g. 16")
+    # (past about 2**31 ffmpeg refused the rate: its log on stderr, then a raw FileNotFoundError for a video it never
+    # wrote; --fps of dit-accel generate has the same bound)
+    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not math.isfinite(fps) or not 0.01 <= fps <= MAX_FPS:
+        raise ValueError(f"fps={fps!r} is invalid: must be a finite number >= 0.01 and at most {MAX_FPS} "
+                         "(frames per second), e.g. 16")
     fps = float(fps)  # (imageio-ffmpeg refuses numpy numbers)
     if not isinstance(path, (str, Path)) or not str(path):
         raise ValueError(f"path={path!r} is invalid: give a file path (.mp4, .gif, .png) or a folder path")
@@ -266,6 +270,7 @@ def load_video(path, max_frames: Optional[int] = None) -> np.ndarray:
     """
     if not isinstance(path, (str, Path)) or not str(path):
         raise ValueError(f"path={path!r} is invalid: give the path of a video (.mp4, .gif, .png) or a frame folder")
+    max_frames = _frame_limit(max_frames)
     path = Path(path).expanduser()  # (as save_video writes it)
     suffix = path.suffix.lower()
     # a set a killed writer committed (save_video's PNG frames, generate's video + comparison + sidecar): finished,
@@ -278,12 +283,12 @@ def load_video(path, max_frames: Optional[int] = None) -> np.ndarray:
                        key=_frame_order)
         if not files:
             raise FileNotFoundError(f"no .png frames in folder {path}")
-        return _read_frames(files)
+        return _read_frames(files[:max_frames])
     if suffix == ".png" and not path.exists():
         pattern = re.compile(re.escape(path.stem) + r"_\d+\.png$")
         files = sorted((p for p in path.parent.glob(f"{path.stem}_*.png") if pattern.match(p.name)), key=_frame_order)
         if files:
-            return _read_frames(files)
+            return _read_frames(files[:max_frames])
     if not path.exists():
         raise FileNotFoundError(f"no such video: {path}")
     read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
@@ -295,11 +300,24 @@ def count_frames(path, max_frames: Optional[int] = None) -> int:
     """``len(load_video(path, max_frames))``, decoded as :func:`load_video` decodes them but without keeping them
     (a video file's frames are dropped as they come): a check that a clip's frames decode, at the memory of one
     frame. Raises what :func:`load_video` raises."""
+    max_frames = _frame_limit(max_frames)
     file = Path(path).expanduser() if isinstance(path, (str, Path)) and str(path) else None
     if file is None or file.suffix.lower() in ("", ".png", ".gif") or not file.is_file() \
             or any(journal.exists() for journal in pending_journals(file)):
         return len(load_video(path, max_frames))  # (pictures and gifs it reads whole; and each of its refusals)
     return _decoded(file, lambda: sum(1 for _ in _ffmpeg_frames(file, max_frames)))
+
+
+def _frame_limit(max_frames) -> Optional[int]:
+    """``max_frames`` of :func:`load_video` and :func:`count_frames` checked: None (all) or a whole number >= 1.
+    Before: a PNG folder or sequence gave all its frames; 0 and -1 sliced the decoded frames (none, all but the last)
+    where count_frames counted them all; 2.5 or "2" was a raw "slice indices must be integers"."""
+    if max_frames is None:
+        return None
+    if isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral) or max_frames < 1:
+        raise ValueError(f"max_frames={max_frames!r} is invalid: give a whole number >= 1 (at most that many frames, "
+                         "from the first), or None for all of them")
+    return int(max_frames)
 
 
 def _decoded(path: Path, read):

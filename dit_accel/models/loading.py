@@ -188,7 +188,7 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     Raises:
         ModelLoadError: with one line that says what to do (offline and not
             cached, hub unreachable, missing folder, not a pipeline folder).
-        ValueError: ``dtype`` is no floating dtype or dtype name (``"auto"``, ``torch.int8``); ``device`` is no
+        ValueError: ``dtype`` is no floating dtype or its name (``"auto"``, ``torch.int8``), or float8; ``device`` is no
             torch device, or a CUDA device that is not here (checked before anything loads); ``seed`` is no int.
         TypeError: ``offload`` is not True or False.
 
@@ -200,6 +200,9 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     model = _as_str(model)
     kind = resolve_model_kind(model)
     dtype = as_dtype(dtype)  # (a name such as "bf16" loaded fp32 weights from a folder or the hub, without a word)
+    if dtype.itemsize < 2:  # (float8: a tiny model failed at its first step; a folder: "check ... config.json")
+        raise ValueError(f"dtype={dtype} is a storage dtype no pipeline computes in: pass torch.bfloat16, torch.float16 "
+                         "or torch.float32 (to store weights in float8, quantize the loaded pipeline's modules)")
     _check_place(device, offload, seed)
     if kind == "tiny":
         missing = [name for name in TINY_PIPELINES[model].requires if importlib.util.find_spec(name) is None]
@@ -620,17 +623,16 @@ def _layers_past(module: torch.nn.Module, component: Path) -> Optional[tuple]:
     except Exception:  # noqa: BLE001 - a file safetensors cannot read was loaded by Diffusers: not this check's
         return None
     own = set(module.state_dict())
-    layers = {}  # list name -> layer indices the model has
-    for key in own:
+    for key in sorted(keys - own):  # (by the module's lists: a num_layers of 0 or -1 made none, and was not seen)
         match = _LAYER.match(key)
-        if match is not None:
-            layers.setdefault(match.group(1), set()).add(int(match.group(2)))
-    for key in sorted(keys - own):
-        match = _LAYER.match(key)
-        if match is not None and match.group(1) in layers and int(match.group(2)) not in layers[match.group(1)]:
+        try:
+            layers = module.get_submodule(match.group(1)) if match is not None else None
+        except AttributeError:
+            continue
+        if isinstance(layers, (torch.nn.ModuleList, torch.nn.Sequential)) and int(match.group(2)) >= len(layers):
             prefix = match.group(1)
             given = {int(m.group(2)) for m in map(_LAYER.match, keys) if m is not None and m.group(1) == prefix}
-            return prefix, len(layers[prefix]), len(given)
+            return prefix, len(layers), len(given)
     return None
 
 
@@ -655,12 +657,14 @@ def _check_index(folder: Path) -> None:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return
-    if not isinstance(index, dict) or not index.get("_class_name"):
-        found = "no _class_name" if isinstance(index, dict) else f"a JSON {type(index).__name__}"
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str) or not name:  # (before, for a number: "attribute name must be string, not 'int'")
+        found = (f"a JSON {type(index).__name__}" if not isinstance(index, dict) else "no _class_name" if not name
+                 else f"_class_name {json.dumps(name)} (not the name of a pipeline class)")
         raise ModelLoadError(f"{folder / 'model_index.json'} holds {found}, not a Diffusers pipeline index (a JSON "
                              "object naming the pipeline class in _class_name and its components): pass the folder "
                              "that `pipe.save_pretrained()` or `huggingface-cli download` produced")
-    for name in _component_names(index["_class_name"]):  # (before: "too many values to unpack (expected 2)")
+    for name in _component_names(name):  # (before: "too many values to unpack (expected 2)")
         entry = index.get(name)
         if name in index and not (isinstance(entry, list) and len(entry) == 2
                                   and all(e is None or isinstance(e, str) for e in entry)):
@@ -683,7 +687,8 @@ def _component_names(pipeline_class) -> tuple:
 def _check_components(folder: Path) -> None:
     """ModelLoadError naming the component folders that ``folder``'s model_index.json lists (a ``[library, class]``
     entry) and that are not there: Diffusers said "no file named config.json found in directory <the pipeline
-    folder>", which names neither the component nor its folder (a partial download or copy)."""
+    folder>", which names neither the component nor its folder (a partial download or copy). Then the components
+    the pipeline class takes that the index leaves out (where these checks find nothing, Diffusers' line stands)."""
     import json
 
     try:
@@ -704,6 +709,15 @@ def _check_components(folder: Path) -> None:
                 f"{folder / name} holds only {variant!r}-variant weights (such as *.{variant}.safetensors), and "
                 f"dit_accel loads the plain ones: save the pipeline without the variant once (DiffusionPipeline."
                 f"from_pretrained(folder, variant={variant!r}).save_pretrained(new_folder)) and pass that folder")
+    import diffusers  # (before, for an entry left out: "<class ...> expected [...], but only {...} were passed")
+
+    name = index.get("_class_name")
+    optional = getattr(getattr(diffusers, str(name), None), "_optional_components", None) or ()
+    absent = [n for n in _component_names(name) if n not in index and n not in optional]
+    if absent:
+        raise ModelLoadError(f"{folder / 'model_index.json'} names no {', '.join(absent)}, which a {name} takes (an "
+                             "index cut short or edited): download the folder again, or add each entry as [library, "
+                             "class], the class its folder's config names")
 
 
 _WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?(?:\.(\w+))?\.(?:safetensors|bin)$")
