@@ -12,7 +12,6 @@ from typing import NamedTuple, Optional
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
 DEFAULT_MODEL = "tiny-shapes-63"
-MAX_FPS = 1000  # frames per second a video is written at: far past what a player shows
 
 
 class _UsageError(Exception):
@@ -64,6 +63,8 @@ def _check_flags(args) -> None:
     for dest in ("prompt", "negative_prompt"):
         if isinstance(getattr(args, dest), str) and getattr(args, dest).startswith("\ufeff"):
             setattr(args, dest, getattr(args, dest).lstrip("\ufeff"))
+    from ..videos import MAX_FPS  # (save_video's bound)
+
     if not 1 <= args.fps <= MAX_FPS:  # (ffmpeg refuses a rate past 2**31: a raw traceback once the video was made)
         raise _UsageError(f"--fps must be an integer from 1 to {MAX_FPS}; got {args.fps}")
     if seed_error(args.seed):
