@@ -200,6 +200,18 @@ def _check_folder_path(out: Path) -> None:
                          "folder path")
 
 
+def _run_of_checkpoint(folder: Path) -> Optional[Path]:
+    """The run folder of ``folder`` when it is a run's ``checkpoints`` folder or a ``checkpoints/step-N`` in it (the
+    layout of dit_accel.training.config.CKPT_DIR, a layer above this one)."""
+    if folder.name == "checkpoints":
+        run = folder.parent
+    elif folder.name.startswith("step-") and folder.parent.name == "checkpoints":
+        run = folder.parent.parent
+    else:
+        return None
+    return run if (run / RUN_FILE).is_file() else None
+
+
 def _read_info(folder: Path) -> dict:
     if not folder.is_dir():
         raise ValueError(f"weights={str(folder)!r} is not a folder; pass the output folder of `dit-accel finetune`.")
@@ -211,6 +223,13 @@ def _read_info(folder: Path) -> dict:
                              f"{METHOD_FILE} yet: a run writes its weights folder at its end): resume it with "
                              f"`dit-accel finetune --resume --output {folder}` (the same flags), or give a finished "
                              "run's folder")
+        run = _run_of_checkpoint(folder)
+        if run is not None:  # (before: "is it the output folder of `dit-accel finetune`?" of the run's own checkpoint)
+            what = "the checkpoints folder" if folder.name == "checkpoints" else "a training checkpoint"
+            raise ValueError(f"weights={str(folder)!r} is {what} of the `dit-accel finetune` run in "
+                             f"{str(run)!r}, not a weights folder: pass weights={str(run)!r} (a run writes its weights "
+                             "folder at its end; one that has not finished resumes with `dit-accel finetune --resume "
+                             f"--output {run}`, the same flags)")
         raise ValueError(f"weights={str(folder)!r} has no {METHOD_FILE}; is it the output folder of `dit-accel finetune`?")
     expected = ("the JSON object `dit-accel finetune` writes: {\"method\": {...}, \"files\": {...}, ...}")
     info = read_json(path, expected=expected)

@@ -55,7 +55,7 @@ def gates_folder(method, layer_methods, weights) -> bool:
     """Whether ``weights=`` names a checkpoint folder whose VSA gates this module loads (rather than a
     dit_accel weights folder, which :func:`dit_accel.checkpoints.finetuned.load_into` loads): a VSA run, and a folder with
     gate tensors and no ``dit_accel_method.json``."""
-    from ..checkpoints.finetuned import METHOD_FILE
+    from ..checkpoints.finetuned import METHOD_FILE, RUN_FILE, _run_of_checkpoint
 
     if weights is None or not any(_has_vsa(m) for m in (method, *(layer_methods or {}).values())):
         return False
@@ -68,6 +68,9 @@ def gates_folder(method, layer_methods, weights) -> bool:
     for candidate in (folder, folder / "transformer"):
         if candidate.is_dir() and gate_keys(candidate):
             return True
+    if (folder / RUN_FILE).is_file() or _run_of_checkpoint(folder) is not None:
+        return False  # an unfinished run or one of its checkpoints: load_into says which (before: "pass the
+        # checkpoint's transformer folder", for the folder of a `finetune --method vsa` run)
     raise ValueError(f"weights={str(weights)!r} holds neither to_gate_compress gates (blocks.N.to_gate_compress."
                      "weight, in its *.safetensors or its transformer/ subfolder) nor a dit-accel finetune output "
                      "(dit_accel_method.json); pass the checkpoint's transformer folder")

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -145,6 +146,7 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
             if _same_names(previous.get(key), current.get(key)):
                 # (before: the same modules or layers in another order, or one named twice, were "a different run")
                 current[key] = previous[key]
+        _same_contents(previous, current)
         for key in ("inputs_sha256", "model_sha256", "vsa_decay_steps", "vsa_decay_interval"):  # older run files
             if key not in previous:
                 current.pop(key)
@@ -152,6 +154,7 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
             current.pop("model_sha256", None)  # (run files before round 12 recorded none for a pipeline object)
         diff = sorted(k for k in set(previous) | set(current)
                       if k not in _RESUMABLE and previous.get(k) != current.get(k))
+        _check_known_settings(out, previous, current)
         if diff:
             changed = {"inputs_sha256": f"the contents of {'--data' if config.data else '--prompts'} changed",
                        "eval_inputs_sha256": "the contents of --eval-data changed",
@@ -177,6 +180,33 @@ def _same_names(a, b) -> bool:
     and however often (peft adapts each matching layer once; a layer runs dense once)."""
     return (isinstance(a, list) and isinstance(b, list) and all(isinstance(t, (str, int)) for t in a + b)
             and set(a) == set(b))
+
+
+def _check_known_settings(out: Path, previous: dict, current: dict) -> None:
+    """Refuse a run record with settings this version does not know (set to something): a newer dit-accel wrote it.
+    Before: "--resume: ... holds a different run (ema: 0.99 -> None); use the same settings", a setting that no flag
+    of this version sets."""
+    known = {f.name for f in fields(FinetuneConfig)} | {"plan_path", "num_processes", "inputs_sha256", "model_sha256",
+                                                        "eval_inputs_sha256"}
+    unknown = sorted(k for k, v in previous.items() if k not in known and k not in current and v is not None)
+    if unknown:
+        raise BadFileError(out / RUN_FILE, f"records settings this dit-accel does not know ({', '.join(unknown[:4])}): "
+                                           "a newer dit-accel wrote it", "a run record of this version: resume the run "
+                                           "with the dit-accel that started it, or start again (--overwrite or another "
+                                           "--output)")
+
+
+def _same_contents(previous: dict, current: dict) -> None:
+    """Take the recorded path of an input whose contents are those the run recorded (its sha256): the record names
+    inputs relative to the output folder, so a run folder moved elsewhere, or inputs copied to another place, were
+    refused by --resume as "a different run (prompts: '../prompts.txt' -> '../../prompts.txt')" though the run would
+    see the same inputs. Changed contents are still refused (by the sha256)."""
+    for keys, digest in ((("prompts", "data"), "inputs_sha256"), (("eval_data",), "eval_inputs_sha256")):
+        if not isinstance(previous.get(digest), str) or previous.get(digest) != current.get(digest):
+            continue
+        for key in keys:
+            if isinstance(previous.get(key), str) and isinstance(current.get(key), str):
+                current[key] = previous[key]
 
 
 def _check_outside_model(config: FinetuneConfig, out: Path) -> None:

@@ -253,15 +253,33 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     check_method_before_load(config, dataset)
     accelerator = _accelerator(config)
     check_cp_processes(config, accelerator.num_processes)
-    out, out_contents = _check_output(config, accelerator.num_processes)
-    trainer = _Trainer(config, accelerator, prompts, dataset)
-    try:
-        result = _run(trainer, out, out_contents)
-    except BaseException:
-        trainer.undo()  # a pipeline passed in as model= gets back what the failed run added to it
-        raise
+    with _output_lock(config, accelerator):
+        out, out_contents = _check_output(config, accelerator.num_processes)
+        trainer = _Trainer(config, accelerator, prompts, dataset)
+        try:
+            result = _run(trainer, out, out_contents)
+        except BaseException:
+            trainer.undo()  # a pipeline passed in as model= gets back what the failed run added to it
+            raise
     trainer.commit()
     return result
+
+
+def _output_lock(config: FinetuneConfig, accelerator):
+    """The main process holds ``--output`` for the whole session: a second run on it (another finetune, or a --resume
+    of this one) is refused at once (:class:`~dit_accel.atomic_files.BusyError`). Before: both trained, wrote their
+    checkpoints into one folder and each reported the weights as its own (the last to finish won). Held from before
+    the folder is checked, where the folder above it exists (the lock file is its hidden sibling; nothing is created
+    for a run that is refused)."""
+    import contextlib
+
+    from ..atomic_files import locked
+
+    out = Path(os.path.abspath(config.output))
+    if not accelerator.is_main_process or not out.name or not out.parent.is_dir() \
+            or not os.access(out.parent, os.W_OK):  # (a writable --output in a read-only folder: no lock file there)
+        return contextlib.nullcontext()
+    return locked(out, wait=False)
 
 
 def _run(trainer: _Trainer, out: Path, out_contents: list) -> Dict[str, Any]:
