@@ -69,8 +69,9 @@ def test_a_run_file_of_an_earlier_version_with_absolute_paths_still_resumes(tmp_
     assert record["prompts"] == "../prompts.txt"
     atomic_write_json(out / RUN_FILE, {**record, "prompts": str(prompts), "output": str(out)})  # as 0.2 wrote it
     assert _check_output(config, 1)[0] == out  # the same run: resumed, not refused
-    other = tmp_path / "other.txt"
-    other.write_text("a red circle moving right\n")
+    other = tmp_path / "other.txt"  # (another file of the same prompts is the same run: round 22's test)
+    other.write_text("a blue square moving left\n")
+    record = _run_record(FinetuneConfig(model="tiny-shapes", output=str(out), prompts=str(other), resume=True), 1)
     atomic_write_json(out / RUN_FILE, {**record, "prompts": str(other)})
     with pytest.raises(ValueError, match="different run"):
         _check_output(config, 1)
