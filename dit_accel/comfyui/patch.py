@@ -198,11 +198,9 @@ def _check_plan_model(method, family, model_name: str, layers, config=None) -> N
         if text == str(err):
             raise
         raise ValueError(f"dit_accel: {text}") from None
-    plan = getattr(method, "sparse_plan", method)
-    if config and hasattr(plan, "_name"):
-        warning = check_model_config(plan._name(), getattr(plan, "provenance", None) or {}, config)
-        if warning:
-            LOG.warning("dit_accel: %s", warning)
+    warning = check_model_config(method, config) if config else None
+    if warning:
+        LOG.warning("dit_accel: %s", warning)
 
 
 def _model_config(model, inner, family) -> Optional[dict]:

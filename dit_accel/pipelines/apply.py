@@ -239,9 +239,7 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
     if hasattr(method, "check_model"):
         for _, transformer, _, modules in targets:
             method.check_model(type(transformer), [_heads_of(module) for _, module in modules])
-        plan = getattr(method, "sparse_plan", method)  # (its class, layers and heads fit: was it this model?)
-        warning = check_model_config(plan._name(), getattr(plan, "provenance", None) or {}, targets[0][1]) \
-            if hasattr(plan, "_name") else None
+        warning = check_model_config(method, targets[0][1])  # (its class, layers and heads fit: was it this model?)
         if warning:
             warnings.warn(f"dit_accel: {warning}", DitAccelWarning, stacklevel=3)
     for _, transformer, _, modules in targets:  # per-head windows (Tile, GNA, a strategy file) need the model's heads

@@ -62,9 +62,15 @@ def config_differences(recorded: Mapping[str, Any], transformer) -> List[str]:
             if key in now and now[key] != recorded[key]]
 
 
-def check_model_config(name: str, provenance: Mapping[str, Any], transformer) -> Optional[str]:
-    """The warning to give when the plan ``name`` (its provenance) was calibrated on a transformer whose config
-    differs from ``transformer``'s, or None."""
+def check_model_config(method, transformer) -> Optional[str]:
+    """The warning to give when ``method`` (a SparsePlan, or the method ``SparsePlan.as_method`` makes of one) was
+    calibrated on a transformer whose config differs from ``transformer``'s (a model, or the host's entries as a
+    mapping: :func:`model_config`), or None; None for any other method."""
+    plan = getattr(method, "sparse_plan", method)
+    provenance = getattr(plan, "provenance", None)
+    if not isinstance(provenance, Mapping) or not hasattr(plan, "_name"):
+        return None
+    name = plan._name()
     recorded = provenance.get("model_config")
     if not isinstance(recorded, Mapping):
         return None

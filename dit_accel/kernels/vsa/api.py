@@ -15,13 +15,12 @@ length of the cube), and never take softmax mass. :mod:`.naive` is the twin the 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..._util import is_number
+from ..._util import is_int, is_number
 from ..backends import check_backend_name, runs_twin
 from ..block_sparse import block_sparse_attention
 from ..checks import check_flag, check_qkv, check_scale, sdpa_autocast
@@ -39,11 +38,6 @@ __all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "
            "VSAResult", "gated_coarse", "DEFAULT_TILE"]
 
 DEFAULT_TILE = (4, 4, 4)
-
-
-def _is_int(x) -> bool:
-    """A Python or numpy integer, not a bool (numpy's int8 to uint64 too: only int32 and int64 were taken)."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _as_ints(x):
@@ -64,7 +58,7 @@ def check_vsa_config(topk, sparsity, tile, *, owner: str = "") -> Tuple[Optional
         raise ValueError(f"{owner}topk={topk!r}, sparsity={sparsity!r}: give exactly one of them, topk (key cubes "
                          "kept per query cube, an int >= 1) or sparsity (the fraction of key cubes skipped, in "
                          "[0, 1), e.g. 0.9)")
-    if topk is not None and (not _is_int(topk) or int(topk) < 1):
+    if topk is not None and (not is_int(topk) or int(topk) < 1):
         raise ValueError(f"{owner}topk={topk!r} is invalid: expected an int >= 1 (key cubes kept per query cube)")
     if sparsity is not None:
         if not is_number(sparsity) or not math.isfinite(sparsity) or not 0.0 <= float(sparsity) < 1.0:  # (numpy too)
@@ -72,9 +66,9 @@ def check_vsa_config(topk, sparsity, tile, *, owner: str = "") -> Tuple[Optional
                              "of key cubes skipped; 1 would keep none, and at least one is always kept)")
         sparsity = float(sparsity)
     tile = _as_ints(tile)
-    if _is_int(tile):
+    if is_int(tile):
         tile = (int(tile),) * 3
-    if not isinstance(tile, (tuple, list)) or len(tile) != 3 or not all(_is_int(t) and int(t) >= 1 for t in tile):
+    if not isinstance(tile, (tuple, list)) or len(tile) != 3 or not all(is_int(t) and int(t) >= 1 for t in tile):
         raise ValueError(f"{owner}tile={tile!r} is invalid: expected three positive ints (T, H, W) such as "
                          "(4, 4, 4) (FastVideo's default) or (4, 8, 8)")
     return (None if topk is None else int(topk)), sparsity, tuple(int(t) for t in tile)
@@ -85,7 +79,7 @@ def check_vsa_grid(grid, *, owner: str = "") -> Tuple[int, int, int]:
     if isinstance(grid, torch.Size):
         grid = tuple(grid)
     grid = _as_ints(grid)
-    if not isinstance(grid, (tuple, list)) or not all(_is_int(g) and int(g) >= 1 for g in grid):
+    if not isinstance(grid, (tuple, list)) or not all(is_int(g) and int(g) >= 1 for g in grid):
         raise ValueError(f"{owner}grid={grid!r} is invalid: expected the video token grid (T, H, W) of positive ints")
     if len(grid) != 3:
         raise ValueError(f"{owner}grid={tuple(grid)} is invalid: VSA cuts a video token grid (T, H, W) into cubes; "
