@@ -52,12 +52,13 @@ def vsa_layout(cubes: Cubes, selection: torch.Tensor, *, check: Optional[bool] =
     that a CUDA-graph capture cannot take; pass True to check there too (a debug run), False to skip. A cube out of
     range was read from the end of the mask table (negative) or raised an indexing error from inside, and a cube
     named twice was visited twice (its keys counted twice in the softmax), silently."""
-    _check_selection(cubes, selection, check)
-    return layout_of_rows(cubes, selection.sort(-1).values)
+    ordered = _check_selection(cubes, selection, check)
+    return layout_of_rows(cubes, ordered)
 
 
-def _check_selection(cubes: Cubes, selection, check: Optional[bool]) -> None:
-    """:func:`vsa_layout`'s checks: the shape and dtype always (host facts), the values where ``check`` says."""
+def _check_selection(cubes: Cubes, selection, check: Optional[bool]) -> torch.Tensor:
+    """:func:`vsa_layout`'s checks, and the selection with its rows sorted: the shape and dtype always (host facts),
+    the values of the sorted rows where ``check`` says."""
     from ..request import in_graph
 
     if not isinstance(selection, torch.Tensor) or selection.dim() != 4 or selection.is_floating_point() \
@@ -70,17 +71,18 @@ def _check_selection(cubes: Cubes, selection, check: Optional[bool]) -> None:
     if not 1 <= k <= cubes.count or not 1 <= selection.shape[2] <= cubes.count:
         raise ValueError(f"selection {tuple(selection.shape)} must have 1 <= k <= {cubes.count} key cubes per row "
                          f"and 1 <= Cq <= {cubes.count} query cubes (the grid's cubes)")
+    ordered = selection.sort(-1).values
     if check is None:
         check = selection.device.type == "cpu" and not in_graph()
     if not check or selection.device.type == "meta" or in_graph():
-        return
-    ordered = selection.sort(-1).values
+        return ordered
     bad = (ordered[..., 0] < 0) | (ordered[..., -1] >= cubes.count) | (ordered.diff(dim=-1) == 0).any(-1)
     if bool(bad.any()):  # (the one host read, only where checked)
         b, h, c = (int(i) for i in bad.nonzero()[0])
         row = selection[b, h, c].tolist()
         raise ValueError(f"selection[{b}, {h}, {c}] = {row} must name {k} distinct key cubes in "
                          f"[0, {cubes.count}) (no negative, out-of-range or repeated index), as a top-k's indices do")
+    return ordered
 
 
 def layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
