@@ -60,7 +60,8 @@ from ..errors import NonFiniteOutputError
 from .checkpoints import _check_output, _init_output, _load_rng, _OutputState, _save_checkpoint, _save_rng
 from .config import (CKPT_DIR, DISTILL_SAMPLES_PER_STEP, LOG_FILE, RUN_FILE, FinetuneConfig,  # noqa: F401
                      _method_label, finetune_methods, validate_config)
-from .loop import _adapters_disabled, _resume, _train, _Trainer, finite_weights  # noqa: F401  (tests import them)
+from .finite import finite_weights
+from .loop import _adapters_disabled, _resume, _train, _Trainer  # noqa: F401  (tests import them)
 from .loop import check_cp_processes, check_method_before_load
 
 __all__ = ["FinetuneConfig", "finetune", "validate_config", "finetune_methods", "RUN_FILE", "LOG_FILE"]

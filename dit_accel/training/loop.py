@@ -22,6 +22,7 @@ from .checkpoints import _checkpoints, _load_checkpoint, _save_checkpoint, _step
 from .callers_pipe import cast_keeping, park_handles
 from .config import (_CACHED_PROMPTS, CKPT_DIR, DISTILL_SAMPLES_PER_STEP, FinetuneConfig, _method_label,
                      vsa_sparsity_at)
+from .finite import finite_weights, nonfinite_weights_error
 from .model_io import ModelIO, cp_error, data_error, model_io_for, take
 
 
@@ -292,6 +293,11 @@ class _Trainer:
         if problem:
             raise ValueError(problem)
         self.transformer = self.pipe.transformer
+        problem = nonfinite_weights_error(self.transformer, "the transformer of " + (
+            repr(config.model) if isinstance(config.model, str) else "the pipeline passed in"))
+        if problem:  # (after the cast to the run's dtype, which can overflow: fp16 holds at most 65504)
+            raise ValueError(problem + ("; or train in bf16 (--mixed-precision bf16)"
+                                        if config.mixed_precision == "fp16" else ""))
         self.plan = config.sparse_plan()
         self.method = config.method if self.plan is None else self.plan.as_method()
         if self.plan is None:
@@ -715,12 +721,6 @@ def _unadaptable(transformer, targets: Sequence[str]) -> Optional[str]:
         return (f"{target} names {type(module).__name__} layers (e.g. {name}), which LoRA cannot adapt: it adapts "
                 f"Linear, Conv and Embedding layers; {fix}.")
     return None
-
-
-def finite_weights(params: Dict[str, nn.Parameter]) -> bool:
-    """Whether every trainable tensor is finite (one host sync)."""
-    with torch.no_grad():
-        return bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all())
 
 
 def _train(trainer: _Trainer, out: Path, start: int, losses: List[float], state=None) -> float:
