@@ -45,7 +45,7 @@ from .generate_report import (_audio_of, _cache_record, _calls_per_transformer, 
                               _check_side_by_side_path, _commit_with_comparison, _comparison, magcache_ratios,
                               _output_notes, _prompt_notes, _provenance, _quality, _record,
                               _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
-                              _summary_lines, cp_ranks)
+                              _summary_lines, _offload_record, cp_ranks)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -582,6 +582,9 @@ def _load(args, dtype, cp_config):
     except ModelLoadError as err:
         raise _UsageError(str(err)) from None
     load_s = time.perf_counter() - t0
+    note = _offload_record(args, pipe).get("offload_note")  # (the run record had it; the terminal said nothing)
+    if note:
+        print(f"dit-accel generate: note: {note}", file=sys.stderr)
     if cp_config is not None:
         try:
             parallel.enable(pipe, cp_config)

@@ -192,9 +192,9 @@ def test_eval_and_calibrate_refuse_an_absurd_guidance_scale_before_loading(tmp_p
     assert "--guidance-scale 1e+308 is past any model's range" in capsys.readouterr().err
 
 
-def test_generate_offload_on_the_cpu_is_recorded_as_not_done(tmp_path):
+def test_generate_offload_on_the_cpu_is_recorded_as_not_done(tmp_path, capsys):
     """Before: ``--offload --device cpu`` (where the loader leaves the weights as they are) wrote
-    ``"offload": true`` into the sidecar of a run that offloaded nothing."""
+    ``"offload": true`` into the sidecar of a run that offloaded nothing; then the terminal said nothing of it."""
     import json
 
     out = tmp_path / "a.png"
@@ -203,6 +203,7 @@ def test_generate_offload_on_the_cpu_is_recorded_as_not_done(tmp_path):
     settings = json.loads((tmp_path / "a.png.json").read_text())["settings"]
     assert settings["offload"] is False
     assert settings["offload_note"].startswith("--offload was given, but the pipeline ran on cpu")
+    assert "dit-accel generate: note: --offload was given, but the pipeline ran on cpu" in capsys.readouterr().err
 
 
 def test_the_offload_record_reads_the_pipelines_hooks():
