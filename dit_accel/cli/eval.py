@@ -107,8 +107,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="TorchScript Inception file or module:factory (env DIT_ACCEL_FID_WEIGHTS)")
     p.add_argument("--no-lpips", action="store_true", help="do not try LPIPS")
     p.add_argument("--quiet", action="store_true",
-                   help="no warnings on the terminal (results.json lists them) and no progress lines such as the "
-                        "dense cache's (the bars stay); failed rows and dropped cache entries are still said")
+                   help="no warnings on the terminal (results.json lists them), no progress bars and no progress "
+                        "lines such as the dense cache's; failed rows and dropped cache entries are still said")
     p.add_argument("--capture", metavar="DIR", help="also save the dense run's q/k/v for `dit-accel bench fidelity`")
     p.set_defaults(func=run, _parser=p)
     return p
@@ -184,7 +184,8 @@ def _compare(args) -> int:
         raise _Refused(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --compare (it pairs the "
                        "rows of two results folders and generates nothing): drop "
                        + ("it" if len(given) == 1 else "them") + ", or run the eval without --compare")
-    first, second = (os.path.realpath(folder) for folder in args.compare)
+    first, second = (os.path.dirname(path) if os.path.basename(path) == "results.json" and os.path.isfile(path)
+                     else path for path in map(os.path.realpath, args.compare))  # (a folder or its results.json)
     if first == second:
         raise _Refused(f"--compare {args.compare[0]} {args.compare[1]}: both name the same folder, so every "
                        "difference would be zero; give two eval results folders (e.g. before and after a change)")
@@ -321,8 +322,10 @@ def _method_specs(args, tiny: bool) -> list:
                            f"{cache.label.replace(',', ';')})")
     from ..pipelines.caches import missing_package_error
 
-    missing = next(filter(None, (missing_package_error(spec.cache) for spec in specs)), None)
-    if missing:  # (before: that row failed so, after the dense rows had run)
+    # (before: that row failed so, after the dense rows had run; a --stacks row's named --cache)
+    missing = next(filter(None, (missing_package_error(spec.cache, f"--stacks {spec.label!r}" if any(
+        spec is s for s in stacks) else None) for spec in specs)), None)
+    if missing:
         raise _Refused(missing)
     _unique_labels(specs)
     return specs
@@ -402,10 +405,11 @@ def _weights_spec(folder: str, model: str, any_grid: bool = False):
 
 
 def _log(quiet: bool):
-    """How the eval's lines reach the terminal: all of them, or with ``--quiet`` its warnings and failures only."""
-    from ..eval.report import ProgressLine
+    """How the eval's lines reach the terminal: all of them and its progress bars, or with ``--quiet`` its warnings
+    and failures only."""
+    from ..eval.report import QuietLog
 
-    return (lambda line: None if isinstance(line, ProgressLine) else print(line)) if quiet else print
+    return QuietLog() if quiet else print
 
 
 def _run(args) -> int:

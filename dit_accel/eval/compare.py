@@ -21,10 +21,11 @@ __all__ = ["load_results", "compare_results", "unpaired_rows", "format_compariso
 
 
 def load_results(folder) -> dict:
-    """results.json of an eval folder; ValueError naming the folder when it is missing or unreadable."""
+    """results.json of an eval folder (or that file itself); ValueError naming the folder when it is missing or
+    unreadable, or ``folder`` is no path."""
     from ..atomic_files import BadFileError, commit_journal, finish_for_reader
 
-    path = Path(folder) / "results.json"
+    path = _results_path(folder)
     journal = commit_journal(path)
     if journal.exists():  # an eval killed after its commit point: its report set goes in whole first
         try:
@@ -45,6 +46,27 @@ def load_results(folder) -> dict:
         raise ValueError(f"--compare {path}: not a dit-accel eval results file ({problem}); compare the "
                          "results.json of two `dit-accel eval --out` runs")
     return results
+
+
+def _results_path(folder) -> Path:
+    """The results.json of ``folder`` (or that file itself, given as such); ValueError naming the argument or the
+    path. Before: None was os.fspath's TypeError, and a folder that is not there or a file "no results.json there"."""
+    import os
+
+    if not isinstance(folder, (str, os.PathLike)):
+        raise ValueError(f"folder={folder!r:.80} is invalid: load_results takes the path (a str or os.PathLike) of "
+                         "a `dit-accel eval --out` folder" + (" and reads its results.json; this is already "
+                                                              "results" if isinstance(folder, dict) else ""))
+    here = Path(folder)
+    if here.is_file() and here.name == "results.json":  # (the file itself: its folder is meant)
+        return here
+    if not here.exists():
+        raise ValueError(f"--compare {folder}: no such folder, so no results.json there; give the --out folder of a "
+                         "`dit-accel eval` run")
+    if not here.is_dir():
+        raise ValueError(f"--compare {folder}: a file, not a folder; give the --out folder of a `dit-accel eval` "
+                         "run (the folder that holds its results.json)")
+    return here / "results.json"
 
 
 def _rows_problem(rows: list) -> str:

@@ -14,12 +14,32 @@ import numpy as np
 
 from ..atomic_files import atomic_write, atomic_write_text
 
-__all__ = ["write_report", "plot_pareto", "frame_grid", "markdown_table", "ProgressLine"]
+__all__ = ["write_report", "plot_pareto", "frame_grid", "markdown_table", "ProgressLine", "QuietLog",
+           "progress_bar"]
 
 
 class ProgressLine(str):
     """A line an eval logs about its progress (e.g. how many dense samples came from the cache), not a warning or
     a failure: ``dit-accel eval --quiet`` leaves it off the terminal (results.json and report.md keep the counts)."""
+
+
+class QuietLog:
+    """:func:`~dit_accel.eval.runner.run_eval`'s ``log`` for ``dit-accel eval --quiet``: warnings and failures go to
+    ``emit``; :class:`ProgressLine` s and the eval's progress bars (:func:`progress_bar`) are left off."""
+
+    def __init__(self, emit=print) -> None:
+        self.emit = emit
+
+    def __call__(self, line) -> None:
+        if not isinstance(line, ProgressLine):
+            self.emit(line)
+
+
+def progress_bar(log, **options):
+    """A tqdm bar for one of the eval's loops, off under a :class:`QuietLog` (before, ``--quiet`` kept the bars)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=isinstance(log, QuietLog), **options)
 
 
 def _fmt(value, digits=3) -> str:

@@ -396,15 +396,14 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     cannot be read (truncated, wrong structure) is dropped with a warning and generated again. Entries are
     written whole (temporary file, then a rename) as each sample is made: a killed eval keeps those it finished.
     """
-    from tqdm.auto import tqdm
     from ..atomic_files import atomic_write, remove_stale_temps
-    from .report import ProgressLine
+    from .report import ProgressLine, progress_bar
 
     remove_stale_temps(cache_dir)  # entries killed evals left half-written: each may be as large as a video
     model_sha256 = model_sha256 or model_fingerprint(settings.model, pipe, cache_dir, log)
     pipeline = type(pipe).__name__
     videos, sample_times, runs, missing = [None] * len(samples), [None] * len(samples), [], []
-    with tqdm(total=len(samples), desc=desc, unit="video") as bar:
+    with progress_bar(log, total=len(samples), desc=desc, unit="video") as bar:
         for i, (prompt, seed) in enumerate(samples):
             key = dense_cache_key(settings, prompt, seed, model_sha256=model_sha256, pipeline=pipeline)
             path = cache_dir / f"{prefix}_{key}.npz"
@@ -447,10 +446,10 @@ def _cache_context(pipe, cache, steps):
 def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[MethodSpec], log) -> List[dict]:
     """One row per method spec; a config that fails is reported in its row, not raised."""
     import dit_accel
-    from tqdm.auto import tqdm
+    from .report import progress_bar
 
     rows = []
-    with tqdm(total=len(samples) * len(specs), desc="methods", unit="video") as bar:
+    with progress_bar(log, total=len(samples) * len(specs), desc="methods", unit="video") as bar:
         for spec in specs:
             bar.set_postfix_str(spec.label)
             done = bar.n
@@ -569,9 +568,8 @@ def _floor_rows(pipe, timer, settings: EvalSettings, samples, dense: dict, cache
                 log, model_sha256: Optional[str] = None) -> List[dict]:
     """The dense-vs-dense floor rows (see :mod:`dit_accel.eval.floor`): another seed pairing, and dense
     attention through another backend (``backend``: auto, sdpa-math, dit_accel.kernels.dense or none)."""
-    from tqdm.auto import tqdm
-
     from .floor import DENSE_TRITON, SDPA_MATH, dense_backend, pick_floor_backend
+    from .report import progress_bar
 
     by_prompt: Dict[str, List[int]] = {}
     for i, (prompt, _) in enumerate(samples):
@@ -605,7 +603,7 @@ def _floor_rows(pipe, timer, settings: EvalSettings, samples, dense: dict, cache
         row["note"] = note
     counts: Dict[str, int] = {}
     try:
-        with tqdm(total=len(samples), desc=label, unit="video") as bar, dense_backend(backend, counts):
+        with progress_bar(log, total=len(samples), desc=label, unit="video") as bar, dense_backend(backend, counts):
             videos, runs = _timed_runs(pipe, timer, settings, samples, bar)
         row.update(videos=videos, times=median_times(runs), sample_times=runs[:len(samples)], backend_calls=counts)
     except Exception as exc:  # the floor row reports its failure; the methods still run

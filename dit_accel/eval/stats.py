@@ -64,20 +64,43 @@ def _betainc(a: float, b: float, x: float) -> float:
     return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
 
 
+_NORMAL_DF = 1e8  # from here on the normal distribution is closer to Student's t than the beta function in floats
+
+
+def _check_df(df) -> float:
+    """``df`` a number > 0 (``math.inf``: the normal distribution); ValueError naming it. Before: df=inf gave
+    t_ppf(0.975, inf) = -1.0 (the normal's 1.96 is right) and df=nan a NaN, without a word."""
+    from .._util import is_number
+
+    if not (is_number(df) and df > 0):  # (NaN fails df > 0)
+        raise ValueError(f"df={df!r} is invalid: the degrees of freedom, a number > 0 (n - 1 for n pairs; math.inf "
+                         "for the normal distribution)")
+    return float(df)
+
+
 def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) of Student's t with ``df`` degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"df must be > 0; got {df}")
+    """P(T <= t) of Student's t with ``df`` degrees of freedom (``math.inf``: the standard normal)."""
+    from .._util import is_number
+
+    df = _check_df(df)
+    if not is_number(t) or math.isnan(t):
+        raise ValueError(f"t={t!r} is invalid: a real number (math.inf allowed), not NaN")
     if math.isinf(t):
         return 1.0 if t > 0 else 0.0
+    if df >= _NORMAL_DF:
+        return 0.5 * math.erfc(-float(t) / math.sqrt(2.0))
     tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
     return 1.0 - tail if t > 0 else tail
 
 
 def t_ppf(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t (bisection on :func:`t_cdf`, then it is exact to ~1e-12)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie in (0, 1); got {p}")
+    """The ``p`` quantile of Student's t (bisection on :func:`t_cdf`, then it is exact to ~1e-12; within ~1e-8 for
+    df past 1e6). ValueError naming ``p`` outside (0, 1) or NaN, or ``df`` not > 0."""
+    from .._util import is_number
+
+    if not (is_number(p) and 0.0 < p < 1.0):
+        raise ValueError(f"p={p!r} is invalid: a probability in (0, 1), e.g. 0.975 for a two-sided 95% interval")
+    df = _check_df(df)
     if p == 0.5:
         return 0.0
     lo, hi = -1.0, 1.0
@@ -118,14 +141,51 @@ def _check_interval(level, seed, resamples: int = 1) -> None:
                          "(default 2000)")
 
 
-def _check_finite(values: Sequence, name: str) -> None:
-    """No infinite entry (None and NaN are missing ones, dropped). Before: an inf, as another tool's PSNR of
-    identical frames, made the mean inf and the interval, t and p NaN, reported as "not significant"."""
-    bad = next((i for i, v in enumerate(values) if not _missing(v) and math.isinf(float(v))), None)
-    if bad is not None:
-        raise ValueError(f"{name}[{bad}] is {values[bad]!r}: the statistics need finite values; cap it (a PSNR of "
-                         "identical frames: dit_accel.eval.metrics.PSNR_CAP, as psnr_per_frame does) or pass None "
-                         "for a missing sample")
+def _numbers(values, name: str) -> List[Optional[float]]:
+    """``values``, any iterable of numbers with None or NaN for a missing sample (a list, a generator, a 1-D array),
+    read once into floats; ValueError naming the argument and the entry. Before: a generator was "object of type
+    'generator' has no len()", a list of lists "float() argument must be ... not 'list'", a 2-D array's rows
+    summed in the bootstrap without a word, and an inf (another tool's PSNR of identical frames) made the mean inf
+    and the interval, t and p NaN, reported as "not significant"."""
+    from collections.abc import Mapping, Set
+
+    from .._util import is_bool
+
+    example = "one number per sample, None for a missing one, e.g. [0.1, 0.3, None]"
+    if isinstance(values, (str, bytes, Mapping, Set)) or not hasattr(values, "__iter__") \
+            or getattr(values, "ndim", 1) == 0:
+        raise ValueError(f"{name}={values!r:.80} is invalid: an ordered sequence of numbers ({example})")
+    out: List[Optional[float]] = []
+    for i, v in enumerate(values):
+        try:  # (text, a bool and an array of one are no number here, though float() takes them)
+            if isinstance(v, (str, bytes)) or getattr(v, "ndim", 0) or is_bool(v):
+                raise TypeError
+            out.append(None if v is None else float(v))
+        except (TypeError, ValueError):
+            hint = ("pass float(x) for a bool" if is_bool(v) else "convert text with float()"
+                    if isinstance(v, (str, bytes)) else "flatten nested lists or a 2-D array first (numpy's .ravel())")
+            raise ValueError(f"{name}[{i}] is {v!r:.60}: expected a number ({example}); {hint}")
+        if out[-1] is not None and math.isinf(out[-1]):
+            raise ValueError(f"{name}[{i}] is {v!r}: the statistics need finite values; cap it (a PSNR of identical "
+                             "frames: dit_accel.eval.metrics.PSNR_CAP, as psnr_per_frame does) or pass None for a "
+                             "missing sample")
+    return out
+
+
+def _labels(clusters, n: int) -> list:
+    """``clusters`` read once: one hashable label (a prompt, an int) per value; ValueError naming it."""
+    if isinstance(clusters, (str, bytes)) or not hasattr(clusters, "__iter__"):
+        raise ValueError(f"clusters={clusters!r:.80} is invalid: one label per value, e.g. each sample's prompt")
+    labels = list(clusters)
+    if len(labels) != n:  # (zip dropped the values past the shorter list)
+        raise ValueError(f"clusters: {len(labels)} labels for {n} values; give one label per value")
+    for i, label in enumerate(labels):
+        try:
+            hash(label)
+        except TypeError:
+            raise ValueError(f"clusters[{i}] is {label!r:.60}: a label must be hashable, such as the sample's prompt "
+                             "or an int") from None
+    return labels
 
 
 def bootstrap_ci(values: Sequence[float], clusters: Optional[Sequence] = None, *, resamples: int = 2000,
@@ -133,10 +193,11 @@ def bootstrap_ci(values: Sequence[float], clusters: Optional[Sequence] = None, *
     """Percentile bootstrap interval of the mean, resampling whole ``clusters`` (e.g. prompts, so that the
     seeds of one prompt stay together) with a fixed ``seed``; None for fewer than 2 clusters."""
     _check_interval(level, seed, resamples)
-    x = np.asarray(values, dtype=np.float64)
-    labels = list(range(len(x))) if clusters is None else list(clusters)
-    if len(labels) != len(x):
-        raise ValueError(f"clusters: {len(labels)} labels for {len(x)} values")
+    values = _numbers(values, "values")
+    labels = range(len(values)) if clusters is None else _labels(clusters, len(values))
+    kept = [(v, c) for v, c in zip(values, labels) if not _missing(v)]  # (a NaN made both ends NaN)
+    x = np.array([v for v, _ in kept], dtype=np.float64)
+    labels = [c for _, c in kept]
     groups: Dict[object, List[int]] = {}
     for i, c in enumerate(labels):
         groups.setdefault(c, []).append(i)
@@ -161,15 +222,12 @@ def summarize(values: Sequence[Optional[float]], clusters: Optional[Sequence] = 
     :data:`MIN_PAIRS`) and ``note`` when it is not.
     """
     _check_interval(level, seed)
-    values = list(values)
-    _check_finite(values, "values")
-    if clusters is not None and len(clusters) != len(values):  # (zip dropped the values past the shorter list)
-        raise ValueError(f"clusters: {len(clusters)} labels for {len(values)} values; give one label per value")
-    pairs = [(v, c) for v, c in zip(values, clusters if clusters is not None else range(len(values)))
-             if not _missing(v)]
+    values = _numbers(values, "values")
+    labels = range(len(values)) if clusters is None else _labels(clusters, len(values))
+    pairs = [(v, c) for v, c in zip(values, labels) if not _missing(v)]
     if not pairs:
         return None
-    x = np.array([float(v) for v, _ in pairs])
+    x = np.array([v for v, _ in pairs])
     n = len(x)
     mean = float(x.mean())
     sd = float(x.std(ddof=1)) if n > 1 else None
@@ -189,12 +247,11 @@ def paired_test(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> O
     """Paired t-test of ``a - b`` (pairs where either is missing dropped): ``n``, ``mean`` (of a - b),
     ``t``, ``df``, two-sided ``p`` and ``significant`` (p < :data:`ALPHA`); None for fewer than 2 pairs.
     Identical differences (zero spread) give p = 1 when they are all 0, else p = 0."""
+    a, b = _numbers(a, "a"), _numbers(b, "b")
     if len(a) != len(b):
-        raise ValueError(f"paired_test needs aligned samples; got {len(a)} and {len(b)}")
-    _check_finite(list(a), "a")
-    _check_finite(list(b), "b")
-    d = np.array([float(x) - float(y) for x, y in zip(a, b)
-                  if x is not None and y is not None and not math.isnan(float(x)) and not math.isnan(float(y))])
+        raise ValueError(f"paired_test needs aligned samples (a[i] and b[i] from the same prompt and seed); got "
+                         f"{len(a)} and {len(b)}")
+    d = np.array([x - y for x, y in zip(a, b) if not _missing(x) and not _missing(y)])
     n = len(d)
     if n < 2:
         return None

@@ -450,19 +450,20 @@ def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
             model.disable_cache()
 
 
-def _not_installed(spec: CacheSpec) -> str:
-    return (f"--cache {spec.name}: cache-dit is not installed; `pip install cache-dit` to use DBCache / its "
+def _not_installed(spec: CacheSpec, given: Optional[str] = None) -> str:
+    return (f"{given or '--cache ' + spec.name}: cache-dit is not installed; `pip install cache-dit` to use DBCache / its "
             "TaylorSeer, or use a Diffusers cache (fbcache, taylorseer, magcache, fastercache, pab)")
 
 
-def missing_package_error(spec: Optional[CacheSpec]) -> Optional[str]:
+def missing_package_error(spec: Optional[CacheSpec], given: Optional[str] = None) -> Optional[str]:
     """Why ``spec``'s cache cannot run here for want of its optional package (cache-dit's DBCache and its TaylorSeer:
-    ``pip install cache-dit``), asked before a model loads, without importing it; None where it can (or needs none)."""
+    ``pip install cache-dit``), asked before a model loads, without importing it; None where it can (or needs none).
+    ``given``: the flag and value the message names (``--stacks 'sla+dbcache'``); default ``--cache NAME``."""
     if spec is None or CACHES[spec.name][0] is not None:
         return None
     import importlib.util
 
-    return None if importlib.util.find_spec("cache_dit") is not None else _not_installed(spec)
+    return None if importlib.util.find_spec("cache_dit") is not None else _not_installed(spec, given)
 
 
 @contextlib.contextmanager

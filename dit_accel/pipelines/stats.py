@@ -116,7 +116,8 @@ class Stats:
     @staticmethod
     def summarize(rows: List[dict]) -> dict:
         """Totals over layers: calls, call-weighted mean density and sparsity, attention time."""
-        weighted = [(r["density"], r["sparse_calls"]) for r in rows if r["density"] is not None]
+        # (rows of no sparse call weigh nothing: all such, as merged or hand-made rows may be, were a ZeroDivisionError)
+        weighted = [(r["density"], r["sparse_calls"]) for r in rows if r["density"] is not None and r["sparse_calls"]]
         mean = sum(d * n for d, n in weighted) / sum(n for _, n in weighted) if weighted else None
         times = [r["time_ms"] for r in rows if r["time_ms"] is not None]
         reasons = sorted({r["dense_reason"] for r in rows if r["dense_reason"]})

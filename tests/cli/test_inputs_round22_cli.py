@@ -134,7 +134,7 @@ def test_eval_a_cache_dit_stack_without_cache_dit_is_refused_before_loading(tmp_
     _no_load(monkeypatch)
     _without_cache_dit(monkeypatch)
     assert main(["eval", "--model", "tiny-flux", "--stacks", "sla+dbcache", "--out", str(tmp_path / "e")]) == 2
-    assert "--cache dbcache: cache-dit is not installed" in capsys.readouterr().err
+    assert "--stacks 'sla+dbcache': cache-dit is not installed" in capsys.readouterr().err  # (the flag given)
     assert not (tmp_path / "e").exists()
 
 
