@@ -41,7 +41,7 @@ from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
 from .patterns.checks import (as_grid, check_options, check_search, flag, int_or_tuple, number_in, per_dim, per_head,
                               positive_int, share_beside)
-from .patterns.config_helpers import freeze as _freeze, layer_step
+from .patterns.config_helpers import freeze as _freeze, grid_shares, layer_step
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
@@ -112,7 +112,10 @@ class Method:
     def for_shares(self, grid: Tuple[int, ...], shares: int) -> "Method":
         """The config to run when context parallelism gives each of ``shares`` ring ranks an equal slab of
         ``grid`` along its first axis: one whose blocks do not straddle ranks, where the method can choose
-        (a default tile); the method itself otherwise."""
+        (a default tile); the method itself otherwise. A bad ``grid`` or ``shares`` raises naming the argument."""
+        return self._for_shares(*grid_shares(f"{type(self).__name__}.for_shares", grid, shares))
+
+    def _for_shares(self, grid: Tuple[int, ...], shares: int) -> "Method":  # (grid and shares checked)
         return self
 
     def to_dict(self) -> dict:
@@ -288,7 +291,8 @@ class GNA(Method):
                 tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
                 return separable_plan(self, grid, rels, tile, "window")
         if kernels is None:
-            grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
+            grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal,
+                                       compact=True)  # (Bands: no L x L relation on a long 1-D grid)
             tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
             return separable_plan(self, grid, rels, tile, "window", attach=self._natten)
         # Per-head kernel sizes: one per-head block layout, run by the kernels in one launch (fit=True: clamped).
@@ -325,7 +329,7 @@ class GNA(Method):
                       stacklevel=4)
         return grid, rels
 
-    def for_shares(self, grid, shares):
+    def _for_shares(self, grid, shares):
         # The default tile is the most cube-like one, which may span the frames of several ranks: pick the
         # tile for one rank's slab instead, so tiles (and their blocks) stay whole on every rank.
         if self.tile is not None or shares <= 1 or grid[0] % shares:
@@ -627,17 +631,15 @@ class Radial(Method):
     def plan(self, grid):
         from .patterns.radial import radial_layout
         from .patterns.radial_window import radial_window_layout
-        from .plans.plan import DensePlan, LayoutPlan
+        from .plans.plan import DensePlan, LayoutPlan, plan_grid
 
-        grid = tuple(grid)
+        grid = plan_grid(self, grid)  # (an int or None failed in tuple(grid), unnamed)
         if len(grid) != 3:
             raise ValueError(f"Radial attention needs a video token grid (T, H, W); this model has grid {grid}. "
                              "Use GNA or Tile for image models")
         sinks = self.sink_frames  # a sink frame the video does not have is an error (radial_args), not dropped
-        if self.spatial == "window":
-            perm, layout = radial_window_layout(grid, self.block_size, self.decay, sinks)
-        else:
-            perm, layout = None, radial_layout(grid, self.block_size, self.decay, sinks, rule=self.rule)
+        perm, layout = (radial_window_layout(grid, self.block_size, self.decay, sinks) if self.spatial == "window"
+                        else (None, radial_layout(grid, self.block_size, self.decay, sinks, rule=self.rule)))
         if layout.density() == 1.0 and layout.partial_fraction() == 0.0 and (
                 perm is None or perm.num_padded == perm.num_tokens):
             return DensePlan(self, grid, f"radial attention keeps every block on grid {grid} (at most 2 frames, "
@@ -726,7 +728,7 @@ class SLA(Method):
         from .kernels import SLAParams
         from .plans.plan import SLAPlan
 
-        return SLAPlan(self, tuple(grid), SLAParams.of(self))
+        return SLAPlan(self, grid, SLAParams.of(self))  # (Plan checks the grid: tuple(None) failed unnamed)
 
     def _at_density(self, grid, density):
         return self.replace(topk=min(max(density, 1e-6), 1.0), negligible=min(self.negligible, 1.0 - density))
@@ -789,9 +791,9 @@ class VSA(Method):
         return self.DEFAULT_SPARSITY if self.topk is None and self.sparsity is None else self.sparsity
 
     def plan(self, grid):
-        from .plans.vsa import VSAPlan
+        from .plans import plan as plans, vsa
 
-        return VSAPlan(self, grid)
+        return vsa.VSAPlan(self, plans.plan_grid(self, grid))  # (tuple(None) failed unnamed in VSAPlan)
 
     def _at_density(self, grid, density):
         return self.replace(topk=None, sparsity=min(max(1.0 - float(density), 0.0), 0.999))

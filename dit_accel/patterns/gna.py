@@ -18,7 +18,7 @@ import torch
 from ..kernels.layout import BlockLayout
 from .checks import as_grid, bool_or_tuple, check_mask_memory, int_or_tuple, per_dim, per_dim_bool, per_head
 from .permutation import TilePermutation, permutation_for
-from .separable import kron, relation_1d, separable_layout, stack_heads
+from .separable import Band, kron, relation_1d, separable_layout, stack_heads
 
 __all__ = ["gna_mask", "gna_layout", "check_gna_args", "gna_relations", "heads_layout", "kernels_at_density",
            "fitted_relations"]
@@ -61,9 +61,10 @@ def check_gna_args(kernel_size, stride=1, dilation=1, is_causal=False, *, owner:
     return values["kernel_size"], values["stride"], values["dilation"], values["is_causal"]
 
 
-def gna_relations(grid, kernel_size, stride=1, dilation=1, is_causal=False):
+def gna_relations(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, compact: bool = False):
     """``(grid, relations)``: GNA arguments (one kernel size) checked against ``grid``, one ``[L, L]``
-    relation per dimension."""
+    relation per dimension; with ``compact``, one :class:`~.separable.Band` per dimension (the rule, for block
+    layouts of long extents: a 1-D grid of 100k tokens has a 10 GB relation)."""
     grid = as_grid(grid)
     if per_head(kernel_size) is not None:
         raise ValueError(f"kernel_size={kernel_size!r} holds per-head kernel sizes; gna_relations takes one")
@@ -81,7 +82,7 @@ def gna_relations(grid, kernel_size, stride=1, dilation=1, is_causal=False):
             raise ValueError(f"kernel_size*dilation = {ks[d]}*{dl[d]} = {ks[d] * dl[d]} exceeds the grid extent "
                              f"{grid[d]} along dimension {d} of grid={grid}; the limit is kernel_size*dilation <= "
                              f"extent: {advice}")
-    return grid, [relation_1d(grid[d], ks[d], st[d], dl[d], ca[d]) for d in range(nd)]
+    return grid, [(Band if compact else relation_1d)(grid[d], ks[d], st[d], dl[d], ca[d]) for d in range(nd)]
 
 
 def gna_mask(grid, kernel_size: IntOrTuple, stride: IntOrTuple = 1, dilation: IntOrTuple = 1,
@@ -147,7 +148,8 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
         check_gna_args(kernel_size, stride, dilation, is_causal)  # (each head one kernel size: named if not)
     kernels = tuple(tuple(k) if isinstance(k, list) else k for k in (heads or (kernel_size,)))
     grid = as_grid(grid)
-    relations = {k: gna_relations(grid, k, stride, dilation, is_causal)[1] for k in dict.fromkeys(kernels)}
+    # Bands (the rule), not L x L relations: a long 1-D grid's layout is built from index math alone.
+    relations = {k: gna_relations(grid, k, stride, dilation, is_causal, compact=True)[1] for k in dict.fromkeys(kernels)}
     if heads is not None:  # (without a tile: the least-padding one)
         return heads_layout(grid, kernels, [relations[k] for k in kernels], tile, block_q=block_q, block_k=block_k)
     perm = permutation_for(grid, tile, block_q, block_k, relations[kernels[0]])  # (without a tile: least work)

@@ -312,7 +312,8 @@ PARTIAL_BLOCK_COST = 1.3
 
 def least_work_tile(grid: Tuple[int, ...], relations: Sequence[torch.Tensor], block: int = 64,
                     partial_cost: float = PARTIAL_BLOCK_COST) -> Tuple[int, ...]:
-    """The tile of ``block`` tokens under which the separable pattern ``kron(relations)`` costs least.
+    """The tile of ``block`` tokens under which the separable pattern ``kron(relations)`` costs least
+    (``relations``: ``[L, L]`` bool tensors or :class:`~dit_accel.patterns.separable.Band`\ s).
 
     With one block per tile, block ``(a, b)`` is visited iff every dimension's tile pair holds a
     related token pair, and needs no element mask iff every dimension's tile pair is fully
@@ -337,7 +338,8 @@ def least_work_tile(grid: Tuple[int, ...], relations: Sequence[torch.Tensor], bl
             n = grid[d]
             m = cdiv(n, t) * t
             rel = torch.zeros(m, m, dtype=torch.bool)
-            rel[:n, :n] = relations[d].bool()
+            given = relations[d]  # (a separable.Band, the rule, builds its n x n relation here: n is short)
+            rel[:n, :n] = (given.dense() if callable(getattr(given, "dense", None)) else given).bool()
             real = torch.zeros(m, dtype=torch.bool)
             real[:n] = True
             pairs = rel.view(m // t, t, m // t, t)

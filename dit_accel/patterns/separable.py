@@ -13,7 +13,9 @@ every grid dimension. A pattern is therefore given by one small relation
   full iff every per-dimension sub-relation is all True, empty iff one is all
   False, otherwise partial with element mask ``kron(sub_0, sub_1, ...)``.
 
-Only per-dimension tables (at most ``L_d x L_d``) and block-pair tables are built.
+Only per-dimension tables (at most ``L_d x L_d``) and block-pair tables are built; given a
+:class:`Band` (the 1-D rule itself) instead of a relation tensor, not even ``L_d x L_d``: a long
+1-D grid (100k tokens, a 10 GB relation) is laid out from index math on the band.
 
 Per-head patterns (a window per attention head, as in FastVideo's searched STA
 strategies) are one layout per distinct window, stacked along the layout's head
@@ -28,15 +30,18 @@ outputs are dropped by :meth:`TilePermutation.unpermute`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._util import is_int
 from ..kernels.layout import BlockLayout
+from . import checks
 from .permutation import PackedTilePermutation, TilePermutation, block_box
 
-__all__ = ["window_1d", "relation_1d", "kron", "covers_grid", "block_boxes", "block_intervals", "separable_blocks",
-           "separable_layout", "stack_heads", "wide_query_layout"]
+__all__ = ["window_1d", "relation_1d", "Band", "relation_density", "kron", "covers_grid", "block_boxes", "block_intervals",
+           "separable_blocks", "separable_layout", "stack_heads", "wide_query_layout"]
 
 
 # ------------------------------------------------------------------ the 1-D rule
@@ -58,21 +63,131 @@ def window_1d(extent: int, kernel: int, stride: int = 1, causal: bool = False) -
     return centre - left, centre + right + 1
 
 
+def _rule_args(extent, kernel, stride, dilation) -> Tuple[int, int, int, int]:
+    """The 1-D rule's ints: each an int >= 1 (a bool, a float or a string refused: ``stride=0`` divided by zero and
+    ``kernel=0`` gave an all-False relation); TypeError / ValueError naming the argument."""
+    values = {"extent": extent, "kernel": kernel, "stride": stride, "dilation": dilation}
+    for name, value in values.items():
+        if not is_int(value) or value < 1:
+            raise (TypeError if not is_int(value) else ValueError)(
+                f"relation_1d: {name}={value!r} is invalid: an int >= 1 (extent: tokens along the dimension; kernel: "
+                "window size; stride: query group size; dilation: key spacing)")
+    return tuple(int(v) for v in values.values())
+
+
+def _spans(extent: int, kernel: int, stride: int, dilation: int, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per query coordinate, its key window ``[start, end)`` inside its dilation group (group-inner indices)."""
+    start, end = torch.empty(extent, dtype=torch.long), torch.empty(extent, dtype=torch.long)
+    for r in range(min(dilation, extent)):
+        start[r::dilation], end[r::dilation] = window_1d(len(range(r, extent, dilation)), kernel, stride, causal)
+    return start, end
+
+
+def _check_room(what: str, extent: int, copies: int) -> None:
+    """MemoryError before ``copies`` x ``extent x extent`` bools this machine cannot hold (the out-of-memory killer
+    ended the process without a word), with what to do instead."""
+    need = copies * extent * extent
+    if need < 1 << 28:  # (a quarter GiB: not worth a read of /proc/meminfo on every small relation)
+        return
+    free = checks.available_memory()
+    if free is not None and need > free:
+        raise MemoryError(f"{what} materialises {extent} x {extent} bools ({need / 2**30:.1f} GiB while it is built) "
+                          f"and this machine has {free / 2**30:.1f} GiB available: build block layouts from the rule "
+                          "(gna_layout, Band), which never materialises it, or use a shorter grid")
+
+
 def relation_1d(extent: int, kernel: int, stride: int = 1, dilation: int = 1, causal: bool = False) -> torch.Tensor:
     """Allowed relation of one dimension, bool ``[extent, extent]`` (query, key).
 
     Dilation splits the dimension into ``dilation`` interleaved groups; queries
     and keys must share a group and the rule applies to coordinates inside it.
+    ``extent x extent`` bools: a long 1-D grid's block layout comes from :class:`Band` instead (never built), and a
+    relation this machine cannot hold is a MemoryError up front, not the out-of-memory killer.
     """
-    x = torch.arange(extent)
-    g, inner = x % dilation, x // dilation
+    extent, kernel, stride, dilation = _rule_args(extent, kernel, stride, dilation)
+    _check_room(f"relation_1d(extent={extent})", extent, 3)  # (the relation and two row-band temporaries)
+    start, end = _spans(extent, kernel, stride, dilation, causal)
     allowed = torch.zeros(extent, extent, dtype=torch.bool)
-    for r in range(dilation):
-        members = x[g == r]
-        start, end = window_1d(members.numel(), kernel, stride, causal)
-        keys = inner[members]
-        allowed[members[:, None], members[None, :]] = (start[:, None] <= keys[None, :]) & (keys[None, :] < end[:, None])
+    for r in range(min(dilation, extent)):  # group r: coordinates r, r + dilation, ...; keys by group-inner index
+        inner = torch.arange(len(range(r, extent, dilation)))
+        band = start[r::dilation, None] <= inner
+        band &= inner < end[r::dilation, None]
+        allowed[r::dilation, r::dilation] = band
     return allowed
+
+
+@dataclass(frozen=True)
+class Band:
+    """One dimension's relation as its rule (:func:`relation_1d`'s arguments), never built as ``L x L``.
+
+    A 1-D neighbourhood is a band: each query's keys lie in one span of known ends, so a block pair is
+    visited iff the band meets it, which index math decides. :func:`separable_blocks` and :func:`covers_grid`
+    take a Band wherever they take a relation tensor, with identical results; :meth:`dense` builds the tensor.
+    """
+
+    extent: int
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    causal: bool = False
+
+    def __post_init__(self):
+        for name, value in zip(("extent", "kernel", "stride", "dilation"),
+                               _rule_args(self.extent, self.kernel, self.stride, self.dilation)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "causal", bool(self.causal))
+
+    def dense(self) -> torch.Tensor:
+        return relation_1d(self.extent, self.kernel, self.stride, self.dilation, self.causal)
+
+    def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Whether query coordinate ``rows[..., i, None]`` may see key coordinate ``cols[..., None, j]`` (keys past
+        the extent never; rows must lie inside it)."""
+        start, end = _spans(self.extent, self.kernel, self.stride, self.dilation, self.causal)
+        d, r, c = self.dilation, rows[..., :, None], cols[..., None, :]
+        inner = torch.div(c, d, rounding_mode="floor")
+        return (c < self.extent) & (c % d == r % d) & (start[r] <= inner) & (inner < end[r])
+
+    def covers(self) -> bool:
+        """Whether every query sees every key (the relation is all True)."""
+        if self.dilation > 1 and self.extent > 1:
+            return False
+        start, end = _spans(self.extent, self.kernel, self.stride, 1, self.causal)
+        return bool((start <= 0).all() and (end >= self.extent).all())
+
+    def density(self) -> float:
+        """The relation's allowed fraction (``relation.float().mean()``)."""
+        start, end = _spans(self.extent, self.kernel, self.stride, self.dilation, self.causal)
+        size = torch.tensor([len(range(r, self.extent, self.dilation)) for r in range(self.dilation)])
+        group = size[torch.arange(self.extent) % self.dilation]
+        return float((torch.minimum(end, group) - start.clamp(min=0)).clamp(min=0).sum()) / self.extent ** 2
+
+    def block_classes(self, padded: int, bq: int, bk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:func:`separable_blocks`' per-dimension view, as the extended relation's would be: ``(classes [C, bq *
+        bk], cls [padded // bq, padded // bk])``, the distinct sub-masks of interval pairs (sorted as
+        ``torch.unique`` sorts them) and each pair's class; only pairs the band meets are built."""
+        n_q, n_k, d = padded // bq, padded // bk, self.dilation
+        start, end = _spans(self.extent, self.kernel, self.stride, d, self.causal)
+        rows = torch.clamp(torch.arange(padded), max=self.extent - 1).view(n_q, bq)  # padded rows: the last real one
+        first, last = rows % d + d * start[rows], rows % d + d * (end[rows] - 1)  # each query's key coordinate span
+        lo = torch.clamp(torch.div(first.min(1).values, bk, rounding_mode="floor"), 0, n_k - 1)
+        hi = torch.clamp(torch.div(last.max(1).values, bk, rounding_mode="floor"), 0, n_k - 1)
+        counts = (hi - lo + 1).clamp(min=0)
+        qi = torch.repeat_interleave(torch.arange(n_q), counts)
+        kj = lo[qi] + torch.arange(qi.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        subs = self.allowed(rows[qi], kj[:, None] * bk + torch.arange(bk)).reshape(-1, bq * bk)
+        outside = qi.numel() < n_q * n_k  # pairs the band misses: the all-False sub-mask
+        if outside:
+            subs = torch.cat([subs, torch.zeros(1, bq * bk, dtype=torch.bool)])
+        classes, inverse = torch.unique(subs, dim=0, return_inverse=True)
+        cls = torch.full((n_q, n_k), int(inverse[-1]) if outside else 0, dtype=torch.long)
+        cls[qi, kj] = inverse[:qi.numel()]
+        return classes, cls
+
+
+def relation_density(rel) -> float:
+    """The allowed fraction of one dimension's relation (a bool tensor or a :class:`Band`)."""
+    return rel.density() if isinstance(rel, Band) else int(rel.sum()) / rel.numel()  # (exact, as Band's)
 
 
 def kron(relations: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -86,7 +201,7 @@ def kron(relations: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def covers_grid(relations: Sequence[torch.Tensor]) -> bool:
     """Whether the separable pattern allows every pair: then it is dense attention."""
-    return all(bool(rel.all()) for rel in relations)
+    return all(rel.covers() if isinstance(rel, Band) else bool(rel.all()) for rel in relations)
 
 
 # ------------------------------------------------------------------ blocks as boxes
@@ -128,6 +243,19 @@ def block_intervals(perm: TilePermutation, box: Sequence[int]) -> List[torch.Ten
     return out
 
 
+def _block_classes(rel, padded: int, bq: int, bk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(classes [C, bq * bk], cls [nIq, nIk])``: the distinct sub-masks of one dimension's interval pairs (of
+    ``bq`` query and ``bk`` key coordinates, over the padded extent) and each pair's class."""
+    if isinstance(rel, Band):
+        return rel.block_classes(padded, bq, bk)
+    _check_room("a block layout of a relation tensor", padded, 3)  # (extended, then its interval pairs' copy)
+    m = _extend(rel, padded)
+    sub = m.view(padded // bq, bq, padded // bk, bk).permute(0, 2, 1, 3)  # [nIq, nIk, bq, bk]
+    # Dedupe sub-masks by content: a sliding window repeats few shapes.
+    classes, cls = torch.unique(sub.reshape(-1, bq * bk), dim=0, return_inverse=True)
+    return classes, cls.view(sub.shape[:2])
+
+
 def _kron_tables(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[U, a_d, b_d]`` per dimension -> ``[U, prod a_d, prod b_d]``: the element mask of box pairs."""
     table = torch.ones(parts[0].shape[0], 1, 1, dtype=torch.bool)
@@ -152,12 +280,8 @@ def separable_blocks(perm: TilePermutation, relations: Sequence[torch.Tensor], b
     empty = torch.zeros(n_q, n_k, dtype=torch.bool)
     sub_tables, sub_ids = [], []
     for d, rel in enumerate(relations):
-        m = _extend(rel, perm.padded_grid[d])
-        lp, bq, bk = m.shape[0], box_q[d], box_k[d]
-        sub = m.view(lp // bq, bq, lp // bk, bk).permute(0, 2, 1, 3)  # [nIq, nIk, bq, bk]
-        # Dedupe sub-masks by content: a sliding window repeats few shapes.
-        classes, cls = torch.unique(sub.reshape(-1, bq * bk), dim=0, return_inverse=True)
-        cls = cls.view(sub.shape[:2])
+        classes, cls = _block_classes(rel, perm.padded_grid[d], box_q[d], box_k[d])
+        bq, bk = box_q[d], box_k[d]
         sub_tables.append(classes.view(-1, bq, bk))
         sub_ids.append(cls)
         # Interval-pair tables are tiny; expand them to block pairs by rows, then columns.

@@ -667,17 +667,18 @@ class LayoutPlan(Plan):
 
 
 def separable_plan(method, grid, relations, tile, what: str, attach=None):
-    """Dense when the window covers the grid, else a tiled-order block layout of the relations (``attach(layout,
-    perm)`` then records what a vendor kernel needs to know of the pattern, e.g. NATTEN's window)."""
+    """Dense when the window covers the grid, else a tiled-order block layout of the relations (tensors or
+    :class:`~dit_accel.patterns.separable.Band`\ s; ``attach(layout, perm)`` then records what a vendor kernel needs
+    to know of the pattern, e.g. NATTEN's window)."""
     from ..patterns.permutation import permutation_for
-    from ..patterns.separable import covers_grid, separable_layout
+    from ..patterns.separable import covers_grid, relation_density, separable_layout
 
     if covers_grid(relations):
         return DensePlan(method, grid, f"the {what} covers the whole grid {tuple(grid)}; a smaller {what} makes it "
                                        "sparse")
     # Without a tile: the one under which the pattern visits least work (partial blocks cost more).
     perm = permutation_for(tuple(grid), tile, 64, 64, relations)
-    token_density = math.prod(float(r.float().mean()) for r in relations)
+    token_density = math.prod(relation_density(r) for r in relations)
     layout = separable_layout(perm, relations, 64, 64)
     if attach is not None:
         attach(layout, perm)
