@@ -7,14 +7,15 @@ torch tensor of either kind) and picks the format from the path:
 - ``*.mp4``: H.264 through imageio-ffmpeg, no resizing. Even sizes use
   ``yuv420p`` (plays everywhere); an odd width or height uses ``yuv444p`` so the
   file decodes back to the exact requested size instead of being rescaled.
-- ``*.gif``: Pillow, looping. Identical consecutive frames, which GIF merges,
+- ``*.gif``: Pillow, looping, at most 50 fps. Identical consecutive frames, which GIF merges,
   are expanded again by :func:`load_video` so the frame count round-trips.
 - ``*.png``: one frame -> that PNG; several frames -> ``<stem>_00000.png``, ...
   next to it.
 - a path without suffix (or an existing directory): a folder of
   ``frame_00000.png``, ...
 
-``load_video(path)`` reads any of these back as ``uint8 [F, H, W, 3]``.
+``load_video(path)`` reads any of these back as ``uint8 [F, H, W, 3]``, and every frame of an animated PNG or
+WebP.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ from typing import Optional
 
 import numpy as np
 
-from ._util import file_in_the_way
+from ._util import DitAccelWarning, file_in_the_way
 from .atomic_files import (BadFileError, atomic_write, commit_files, commit_journal, finish_commit, finish_for_reader,
                            is_temp_name, locked, remove_stale_temps)
 
-__all__ = ["save_video", "video_files", "load_video", "count_frames", "to_uint8_frames", "output_files",
+__all__ = ["GifRateWarning", "save_video", "video_files", "load_video", "count_frames", "to_uint8_frames", "output_files",
            "frames_journal", "pending_journals", "pil_rgb", "VIDEO_SUFFIXES", "MAX_FPS"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 MAX_FPS = 1000  # frames per second save_video takes: far past what a player shows
 _GIF_TAG = b"dit_accel"
+_PICTURE_SUFFIXES = (".png", ".apng", ".gif", ".webp")  # read by Pillow, every frame of an animated one
+_GIF_MAX_FPS = 50  # GIF delays are in 1/100 s, and players show a delay under 2/100 s as 10/100 s
 
 
 def to_uint8_frames(frames) -> np.ndarray:
@@ -131,7 +134,8 @@ def save_video(frames, path, fps: int = 16) -> Path:
             or float in ``[0, 1]``), see :func:`to_uint8_frames`.
         path: output path; the suffix picks the format (module docstring).
             Parent folders are created.
-        fps: frames per second for mp4 and gif, from 0.01 to :data:`MAX_FPS`.
+        fps: frames per second for mp4 and gif, from 0.01 to :data:`MAX_FPS` (a gif: at most 50, and its
+            delays are whole 1/100 s: 16 plays at 16.7; a :class:`GifRateWarning` where that is more than 5% off).
 
     Example::
 
@@ -171,9 +175,28 @@ def _checked(frames, path, fps) -> tuple:
         raise ValueError(
             f"cannot write {path.name!r}: unknown suffix {suffix!r}; use .mp4, .gif, .png, or a folder path"
         )
+    if suffix == ".gif" and len(arr) > 1:  # (one frame: no rate to play)
+        _check_gif_fps(path, fps)
     _check_output_path(path, suffix, len(arr))
     path.parent.mkdir(parents=True, exist_ok=True)
     return arr, path, suffix, fps
+
+
+class GifRateWarning(DitAccelWarning):
+    """A gif written at an fps it cannot play at (its delays are whole 1/100 s, at least 2/100 s)."""
+
+
+def _check_gif_fps(path: Path, fps: float) -> None:
+    """A :class:`GifRateWarning` where a gif plays more than 5% off ``fps``, in the words of ``dit-accel generate``'s note
+    (before: fps=1000 was written at 50 fps, 20x slow, and 40 at 50, silently). A warning, not a refusal, as
+    generate notes it: the frames are right, only the rate is not (16 plays at 16.7 unwarned)."""
+    shown = 1000.0 / _gif_frame_ms(fps)
+    if abs(shown - fps) > 0.05 * fps:
+        import warnings
+
+        warnings.warn(f"{path.name} plays at {shown:.3g} frames per second for fps={fps:g}: a GIF's frame delays are "
+                      f"whole hundredths of a second, at least 0.02 s (at most {_GIF_MAX_FPS} fps); write .mp4 for "
+                      "this fps, or give one that divides 100 (10, 20, 25, 50)", GifRateWarning, stacklevel=4)
 
 
 def _check_output_path(path: Path, suffix: str, num_frames: int) -> None:
@@ -291,8 +314,9 @@ def load_video(path, max_frames: Optional[int] = None) -> np.ndarray:
             return _read_frames(files[:max_frames])
     if not path.exists():
         raise FileNotFoundError(f"no such video: {path}")
-    read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
-        else (lambda: _read_ffmpeg(path, max_frames))
+    # (an animated PNG or WebP: all its frames; before, a PNG gave its first frame alone and a WebP was "cannot be
+    # decoded" by ffmpeg)
+    read = (lambda: _read_gif(path)) if suffix in _PICTURE_SUFFIXES else (lambda: _read_ffmpeg(path, max_frames))
     return _decoded(path, read)[:max_frames]
 
 
@@ -302,7 +326,7 @@ def count_frames(path, max_frames: Optional[int] = None) -> int:
     frame. Raises what :func:`load_video` raises."""
     max_frames = _frame_limit(max_frames)
     file = Path(path).expanduser() if isinstance(path, (str, Path)) and str(path) else None
-    if file is None or file.suffix.lower() in ("", ".png", ".gif") or not file.is_file() \
+    if file is None or file.suffix.lower() in ("", *_PICTURE_SUFFIXES) or not file.is_file() \
             or any(journal.exists() for journal in pending_journals(file)):
         return len(load_video(path, max_frames))  # (pictures and gifs it reads whole; and each of its refusals)
     return _decoded(file, lambda: sum(1 for _ in _ffmpeg_frames(file, max_frames)))
@@ -344,6 +368,8 @@ def _read_frames(files: list) -> np.ndarray:
     for file in files:
         try:
             frames.append(_read_png(file))
+        except BadFileError:
+            raise
         except Exception as err:  # PIL raises many types for truncated or damaged files
             raise BadFileError(file, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
                                "a whole png frame") from None
@@ -379,9 +405,13 @@ def _write_png(frame: np.ndarray, path: Path) -> None:
 
 
 def _read_png(path: Path) -> np.ndarray:
+    """One frame of a PNG sequence; an animated PNG (before: its first frame alone, the others dropped) refused."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if getattr(im, "n_frames", 1) > 1:
+            raise BadFileError(path, f"is an animated PNG of {im.n_frames} frames, in a sequence of PNG frames",
+                               "one picture per frame file (pass the animated PNG alone to read all its frames)")
         return pil_rgb(im)
 
 
@@ -419,7 +449,7 @@ def _ffmpeg_frames(path: Path, limit: Optional[int] = None):
     import imageio.v2 as iio
 
     reader = iio.get_reader(str(path), format="FFMPEG")
-    count = 0
+    count, meta = 0, reader.get_meta_data()
     try:
         for frame in reader:
             yield np.asarray(frame, dtype=np.uint8)[..., :3]
@@ -430,6 +460,15 @@ def _ffmpeg_frames(path: Path, limit: Optional[int] = None):
         reader.close()
     if not count:
         raise BadFileError(path, "has no decodable frames", "a whole mp4, gif or png")
+    # A file cut short after its header (a faststart mp4: the index first) decoded the frames that are there and
+    # ended, silently (24 frames written, 11 read). Checked against the header's length where no audio track may be
+    # the longer one, with room for a variable frame rate.
+    seconds, fps = meta.get("duration"), meta.get("fps")
+    if count != limit and "audio_codec" not in meta and isinstance(seconds, (int, float)) \
+            and isinstance(fps, (int, float)) and math.isfinite(seconds * fps) and count < 0.9 * seconds * fps - 1:
+        raise BadFileError(path, f"decodes {count} frames, and its header says {seconds:g} s at {fps:g} fps (about "
+                                 f"{round(seconds * fps)}): it is cut short or damaged after frame {count - 1} (from 0)",
+                           "a whole video file (copy or download it again)")
 
 
 def _gif_frame_ms(fps) -> int:
@@ -449,14 +488,26 @@ def _write_gif(arr: np.ndarray, path: Path, fps) -> None:
 
 
 def _read_gif(path: Path) -> np.ndarray:
-    from PIL import Image, ImageSequence
+    """Every frame of a gif, png (an animated one too) or webp; a frame that does not decode is named (a file
+    damaged after its first frame: before, "cannot be decoded (IndexError: index out of range)")."""
+    from PIL import Image
 
     with Image.open(path) as im:
         comment = im.info.get("comment", b"") or b""
+        if isinstance(comment, str):
+            comment = comment.encode()
         frames, durations = [], []
-        for frame in ImageSequence.Iterator(im):
-            frames.append(pil_rgb(frame))
-            durations.append(frame.info.get("duration", 0))
+        while True:  # (not range(n_frames): a damaged file fails in n_frames, naming no frame)
+            try:
+                im.seek(len(frames))
+                frames.append(pil_rgb(im))
+            except EOFError:
+                break
+            except Exception as err:  # noqa: BLE001 - Pillow raises many types for a damaged frame
+                raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]}) "
+                                         f"from frame {len(frames)} (from 0) on",
+                                   "a whole file (copy or write it again)") from None
+            durations.append(im.info.get("duration", 0))
     meta = dict(re.findall(rb"(\w+)=(\d+)", comment)) if comment.startswith(_GIF_TAG) else {}
     if b"frame_ms" in meta and len(frames) < int(meta.get(b"frames", 0)):
         # Pillow merged identical consecutive frames (durations summed): expand them again.

@@ -451,10 +451,8 @@ def _cache_context(pipe, cache, steps):
 def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=None, warm: bool = False):
     """Apply the method (and enable ``cache``, a :class:`~dit_accel.pipelines.caches.CacheSpec`), run the
     pipeline timed per stage (``attention``: the self-attention modules the method wraps), and take both off
-    again. ``warm``: first an untimed warm-up under the same handle (:func:`_warm_up`).
-
-    Returns ``(output, times, transformer calls, stats, summary)``.
-    """
+    again. ``warm``: first an untimed warm-up under the same handle (:func:`_warm_up`). Returns ``(output, times,
+    transformer calls, stats, summary)``."""
     import dit_accel
 
     from ..eval.timing import StageTimer
@@ -582,8 +580,7 @@ def _load(args, dtype, cp_config):
     except ModelLoadError as err:
         raise _UsageError(str(err)) from None
     load_s = time.perf_counter() - t0
-    note = _offload_record(args, pipe).get("offload_note")  # (the run record had it; the terminal said nothing)
-    if note:
+    if note := _offload_record(args, pipe).get("offload_note"):  # (the run record had it; the terminal did not)
         print(f"dit-accel generate: note: {note}", file=sys.stderr)
     if cp_config is not None:
         try:
@@ -753,11 +750,15 @@ def _sidecar_record(args, pipe, method, schedule, source, call, frames, written,
 
 
 def run(args) -> int:
+    import warnings
     import torch
+    from ..videos import GifRateWarning
 
     threads = torch.get_num_threads()  # an embedded model runs on one thread; the caller gets its count back
     try:
-        record = generate(args)
+        with warnings.catch_warnings():  # (a gif's played rate: its output note says it, once)
+            warnings.simplefilter("ignore", GifRateWarning)
+            record = generate(args)
     except _UsageError as err:
         if getattr(args, "debug", False):
             raise

@@ -21,12 +21,13 @@ from typing import Optional
 import torch
 
 from .._util import near_hub_id
+from .folder_files import damaged_component, json_problem, mistyped
 from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, as_dtype, build_tiny_pipeline
 from .tiny_shapes import TRAINED_MODELS
 
 __all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint",
            "rope_reach_error", "text_length_error", "early_text_length_error", "size_error", "early_size_error",
-           "index_class_name"]
+           "index_class_name", "index_error"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _PROBE_TIMEOUT_S = 5.0
@@ -477,6 +478,17 @@ def index_class_name(model) -> Optional[str]:
     return name if isinstance(name, str) and name.isidentifier() else None
 
 
+def index_error(model) -> Optional[str]:
+    """The line :func:`load_pipeline` refuses ``model``'s model_index.json with (no JSON object, no pipeline class,
+    no transformer), read without loading anything, for ``dit-accel info``; None where it is fine or there is none."""
+    folder = model_folder(model)
+    try:
+        return _check_index(folder, named=False) if folder is not None and (folder / "model_index.json").is_file() \
+            else None  # (info reads the transformer alone: an index naming no pipeline class is its to explain)
+    except ModelLoadError as err:
+        return str(err)
+
+
 def _place(pipe, device, offload: bool) -> None:
     if offload:
         dev = torch.device(device)
@@ -537,42 +549,19 @@ def _load_failure(err: BaseException, folder: Path) -> str:
     ``load_sub_model`` frame) and, where that component's config.json is the cause, the file and the value. Before:
     "'str' object cannot be interpreted as an integer" as a raw TypeError, or, for a config.json holding a JSON
     list, "We couldn't connect to 'https://huggingface.co'", naming neither the component nor the file."""
-    import json
     import traceback
 
     name = next((frame.f_locals.get("name") for frame, _ in traceback.walk_tb(err.__traceback__)
                  if frame.f_code.co_name == "load_sub_model"), None)
     if not isinstance(name, str) or not (folder / name).is_dir():
         return f"could not load the pipeline in {folder}: {_first_line(err)}"
-    config_file = folder / name / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
-        config = {}
-    if not isinstance(config, dict):
-        return (f"{config_file} holds a JSON {type(config).__name__}, not the {name}'s config (a JSON object of its "
-                f"settings): copy or download {folder / name} again")
-    typed = _mistyped(config) if isinstance(err, TypeError) else []
+    config_file, damaged = folder / name / "config.json", damaged_component(folder, name)
+    if damaged is not None:  # (any of its JSON files: an empty tokenizer_config.json was "Expecting value: ...")
+        return damaged
+    typed = mistyped(component_config(folder, name)) if isinstance(err, TypeError) else []
     hint = (f"; in {config_file}, {', '.join(typed)} (numbers are written without quotes)" if typed else
             f"; check the values in {config_file}" if isinstance(err, TypeError) and config_file.is_file() else "")
     return f"could not load the {name} of the pipeline in {folder}: {_first_line(err)}{hint}"
-
-
-def _mistyped(config: dict) -> list:
-    """``key: "4" is text`` for each value of ``config`` that its class (``_class_name`` in Diffusers) defaults to a
-    number but the file gives as a string."""
-    import inspect
-
-    import diffusers
-
-    cls = getattr(diffusers, str(config.get("_class_name")), None) if config.get("_class_name") else None
-    try:
-        params = inspect.signature(cls.__init__).parameters if cls is not None else {}
-    except (TypeError, ValueError):
-        return []
-    return [f"{key}: {value!r} is text, not a number" for key, value in config.items()
-            if key in params and isinstance(value, str) and isinstance(params[key].default, (int, float))
-            and not isinstance(params[key].default, bool)]
 
 
 def _check_weights_fit(pipe, folder: Optional[Path]) -> None:
@@ -647,30 +636,34 @@ def _pipelines_in(folder: Path) -> list:
         return []
 
 
-def _check_index(folder: Path) -> None:
-    """ModelLoadError when ``folder``'s model_index.json is JSON but no object naming the pipeline class
-    (``_class_name``): Diffusers fails on one with a bare KeyError or TypeError. A file that is not JSON is left to
-    Diffusers, whose error says so."""
+def _check_index(folder: Path, named: bool = True) -> None:
+    """ModelLoadError when ``folder``'s model_index.json is no JSON object naming the pipeline class
+    (``_class_name``, where ``named``: Diffusers failed on one with a bare KeyError, or for a number "attribute name
+    must be string"), or that names no transformer while its pipeline class takes one."""
     import json
 
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
-        return
-    name = index.get("_class_name") if isinstance(index, dict) else None
-    if not isinstance(name, str) or not name:  # (before, for a number: "attribute name must be string, not 'int'")
-        found = (f"a JSON {type(index).__name__}" if not isinstance(index, dict) else "no _class_name" if not name
-                 else f"_class_name {json.dumps(name)} (not the name of a pipeline class)")
-        raise ModelLoadError(f"{folder / 'model_index.json'} holds {found}, not a Diffusers pipeline index (a JSON "
+    problem = json_problem(folder / "model_index.json")  # (before, for no JSON: Diffusers' line, without what to do)
+    index = {} if problem else json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig"))
+    name = index.get("_class_name")
+    if problem or named and (not isinstance(name, str) or not name):
+        found = problem or ("holds no _class_name" if not name
+                            else f"holds _class_name {json.dumps(name)} (not the name of a pipeline class)")
+        raise ModelLoadError(f"{folder / 'model_index.json'} {found}, not a Diffusers pipeline index (a JSON "
                              "object naming the pipeline class in _class_name and its components): pass the folder "
                              "that `pipe.save_pretrained()` or `huggingface-cli download` produced")
-    for name in _component_names(name):  # (before: "too many values to unpack (expected 2)")
-        entry = index.get(name)
-        if name in index and not (isinstance(entry, list) and len(entry) == 2
+    for part in _component_names(name):  # (before: "too many values to unpack (expected 2)")
+        entry = index.get(part)
+        if part in index and not (isinstance(entry, list) and len(entry) == 2
                                   and all(e is None or isinstance(e, str) for e in entry)):
-            raise ModelLoadError(f"{folder / 'model_index.json'}: {name} is {json.dumps(entry)}; a component is "
+            raise ModelLoadError(f"{folder / 'model_index.json'}: {part} is {json.dumps(entry)}; a component is "
                                  "named by [library, class], such as [\"diffusers\", \"WanTransformer3DModel\"] "
                                  "([null, null] for none): write the entry so, or download the folder again")
+    if "transformer" in _component_names(name) and not (index.get("transformer") or [None])[-1]:
+        entry = json.dumps(index["transformer"]) if "transformer" in index else "no entry"  # (before: a late TypeError
+        known = component_config(folder, "transformer").get("_class_name")  # from apply(), naming no file)
+        raise ModelLoadError(f"{folder / 'model_index.json'} names no transformer ({entry}), the component dit_accel "
+                             f"makes sparse: write \"transformer\": [\"diffusers\", \"{known or 'ClassName'}\"] there "
+                             "(the class its transformer/config.json names), or download the folder again")
 
 
 def _component_names(pipeline_class) -> tuple:
