@@ -48,10 +48,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from .._util import is_int
 
 __all__ = ["Family", "FAMILIES", "HOOKS", "REFUSED", "WHAT_TO_DO", "family_for", "refusal", "supported"]
 
@@ -400,9 +402,11 @@ class Family:
         caller: ``(stack frame, q) -> module or None``: for a model that makes attention calls outside any module's
             ``forward`` (SD3's module-level ``_block_mixing``), the layer module a frame's call belongs to; the
             stack walk asks it before it reads a frame's ``self``. None: the innermost module decides.
-        config_keys: ``((Diffusers config key, ComfyUI unet_config key), ...)``: the entries of the model's config
-            that are one value on both hosts (Wan's ``in_channels``, ComfyUI's ``in_dim``), which a plan's
-            recorded ``model_config`` is compared on. Empty: not compared (the mapping is not checked).
+        config_keys: ``((Diffusers config key, ComfyUI unet_config key or conversion), ...)``: the entries of the
+            model's config that are one value on both hosts (Wan's ``in_channels``, ComfyUI's ``in_dim``), which a
+            plan's recorded ``model_config`` is compared on. A conversion is ``get -> value or None`` (``get(name)``:
+            the ComfyUI constructor argument ``name``) for an entry ComfyUI holds in another form (HunyuanVideo's
+            ``[t, h, w]`` patch as Diffusers' ``patch_size_t`` and ``patch_size``). Empty: not compared.
     """
 
     name: str
@@ -418,7 +422,7 @@ class Family:
     references: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
     alone: Optional[Callable[[nn.Module], List[nn.Module]]] = None
     caller: Optional[Callable[[object, object], Optional[nn.Module]]] = None
-    config_keys: Tuple[Tuple[str, str], ...] = ()
+    config_keys: Tuple[Tuple[str, Union[str, Callable[[Callable[[str], object]], object]]], ...] = ()
 
     def __post_init__(self):
         if self.hook not in HOOKS:
@@ -427,16 +431,110 @@ class Family:
             raise ValueError(f"Family {self.name!r}: references need a text position and an exact off_grid count")
 
 
+def _entry(name: str, index: int):
+    """Entry ``index`` of ComfyUI's list-valued argument ``name`` (HunyuanVideo's ``[t, h, w]`` patch)."""
+    return lambda get: get(name)[index] if isinstance(get(name), (list, tuple)) and len(get(name)) > index else None
+
+
+def _per_head(width: str, heads: str):
+    """The head size: ComfyUI's model width over its heads (Diffusers' ``attention_head_dim``)."""
+    def size(get):
+        w, h = get(width), get(heads)
+        return w // h if is_int(w) and is_int(h) and h > 0 and w % h == 0 else None
+    return size
+
+
+def _listed(*names: str):
+    """ComfyUI's arguments ``names`` as one list (Cosmos' patch and maximum sizes, one tuple in Diffusers)."""
+    return lambda get: [get(n) for n in names] if all(get(n) is not None for n in names) else None
+
+
+def _sorted(name: str):
+    """ComfyUI's list ``name`` in order (SD3's x_block_self_attn_layers: model_detection lists the layers in the
+    checkpoint's key order, "10" before "2"; Diffusers' dual_attention_layers count up)."""
+    return lambda get: sorted(get(name)) if isinstance(get(name), (list, tuple)) else None
+
+
+def _difference(total: str, part: str):
+    """ComfyUI's ``total`` less its ``part`` (AuraFlow's single layers: all layers less the double ones)."""
+    return lambda get: get(total) - get(part) if is_int(get(total)) and is_int(get(part)) else None
+
+
+def _context_embedder(field: str):
+    """SD3's text projection size ``field`` (in_features, out_features) of ComfyUI's ``context_embedder_config``."""
+    def size(get):
+        config = get("context_embedder_config")
+        params = config.get("params") if isinstance(config, dict) else None
+        return params.get(field) if isinstance(params, dict) else None
+    return size
+
+
 # Diffusers' Wan config entries that are ComfyUI's WanModel constructor arguments (its unet_config) one to one: the
 # patch embedding's input channels (16 T2V, 36 I2V and Animate, 48 Wan 2.2 TI2V), the head's output channels, blocks,
-# heads, and the sizes both build the same way. Not compared: attention_head_dim (ComfyUI has dim), qk_norm (a norm
-# name against a flag), image_dim and added_kv_proj_dim (ComfyUI tells I2V by model_type), VACE's vace_layers (a list
-# of blocks against a count). The other families compare nothing: their mapping is not checked here (FLUX's
-# in_channels, for one, counts 2x2-packed latent channels in Diffusers, not ComfyUI's).
+# heads, their size (ComfyUI's dim over its heads), and the sizes both build the same way. Not compared: qk_norm (a
+# norm name against a flag), image_dim and added_kv_proj_dim (ComfyUI tells I2V by model_type), VACE's vace_layers
+# (a list of blocks against a count).
 _WAN_CONFIG = (("in_channels", "in_dim"), ("out_channels", "out_dim"), ("num_layers", "num_layers"),
                ("num_attention_heads", "num_heads"), ("ffn_dim", "ffn_dim"), ("freq_dim", "freq_dim"),
                ("text_dim", "text_dim"), ("patch_size", "patch_size"), ("cross_attn_norm", "cross_attn_norm"),
-               ("eps", "eps"))
+               ("eps", "eps"), ("attention_head_dim", _per_head("dim", "num_heads")))
+
+
+# The other families, each entry checked against ComfyUI's constructor and model_detection and Diffusers' __init__:
+# the same quantity on both hosts. Not compared: an out_channels Diffusers defaults to None (FLUX, Chroma, HiDream,
+# Lumina 2, Mochi: a record holds None where the model has a number), FLUX's in_channels and patch_size (Diffusers
+# counts the 2x2-packed latent with a patch of 1), names of norms and flags that differ (qk_norm, use_adaln_lora),
+# entries ComfyUI tells by model class (HunyuanVideo's image_condition_type), and Cosmos' rope_scale (three ratios
+# ComfyUI's detection sets per model size). OmniGen2 maps none (no Diffusers class: a plan's record is Lumina 2's,
+# another model's config), Chroma Radiance no in_channels (its pixels, not Chroma's packed latent).
+_FLUX_BLOCKS = (("num_layers", "depth"), ("num_single_layers", "depth_single_blocks"),
+                ("num_attention_heads", "num_heads"), ("attention_head_dim", _per_head("hidden_size", "num_heads")))
+_HUNYUAN_CONFIG = (*_FLUX_BLOCKS, ("in_channels", "in_channels"), ("out_channels", "out_channels"),
+                   ("mlp_ratio", "mlp_ratio"), ("text_embed_dim", "context_in_dim"), ("rope_theta", "theta"),
+                   ("rope_axes_dim", "axes_dim"), ("guidance_embeds", "guidance_embed"))
+_HUNYUAN_VIDEO_CONFIG = (*_HUNYUAN_CONFIG, ("patch_size", _entry("patch_size", -1)),
+                         ("patch_size_t", _entry("patch_size", 0)), ("pooled_projection_dim", "vec_in_dim"))
+_HUNYUAN_IMAGE_CONFIG = (*_HUNYUAN_CONFIG, ("patch_size", "patch_size"), ("use_meanflow", "meanflow"))
+_COSMOS_CONFIG = (("in_channels", "in_channels"), ("out_channels", "out_channels"), ("num_layers", "num_blocks"),
+                  ("num_attention_heads", "num_heads"), ("attention_head_dim", _per_head("model_channels", "num_heads")),
+                  ("mlp_ratio", "mlp_ratio"), ("text_embed_dim", "crossattn_emb_channels"),
+                  ("adaln_lora_dim", "adaln_lora_dim"), ("concat_padding_mask", "concat_padding_mask"),
+                  ("patch_size", _listed("patch_temporal", "patch_spatial", "patch_spatial")),
+                  ("max_size", _listed("max_frames", "max_img_h", "max_img_w")))
+_FLUX_CONFIG = (*_FLUX_BLOCKS, ("joint_attention_dim", "context_in_dim"), ("pooled_projection_dim", "vec_in_dim"),
+                ("guidance_embeds", "guidance_embed"), ("axes_dims_rope", "axes_dim"))
+_CHROMA_RADIANCE_CONFIG = (*_FLUX_BLOCKS, ("joint_attention_dim", "context_in_dim"), ("axes_dims_rope", "axes_dim"),
+                           ("approximator_num_channels", "in_dim"), ("approximator_hidden_dim", "hidden_dim"),
+                           ("approximator_layers", "n_layers"))
+_CHROMA_CONFIG = (*_CHROMA_RADIANCE_CONFIG, ("in_channels", "in_channels"))  # both the packed latent's channels
+_SAME_NAMES = ("patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads")
+_QWEN_CONFIG = tuple((k, k) for k in (*_SAME_NAMES, "out_channels", "joint_attention_dim", "axes_dims_rope"))
+_HIDREAM_CONFIG = tuple((k, k) for k in (*_SAME_NAMES, "num_single_layers", "caption_channels", "text_emb_dim",
+                                         "num_routed_experts", "num_activated_experts", "axes_dims_rope",
+                                         "max_resolution", "llama_layers"))
+_LUMINA_CONFIG = (("patch_size", "patch_size"), ("in_channels", "in_channels"), ("hidden_size", "dim"),
+                  ("num_layers", "n_layers"), ("num_refiner_layers", "n_refiner_layers"),
+                  ("num_attention_heads", "n_heads"), ("num_kv_heads", lambda get: get("n_kv_heads") or get("n_heads")),
+                  ("multiple_of", "multiple_of"), ("ffn_dim_multiplier", "ffn_dim_multiplier"), ("norm_eps", "norm_eps"),
+                  ("axes_dim_rope", "axes_dims"), ("axes_lens", "axes_lens"), ("cap_feat_dim", "cap_feat_dim"))
+_LTXV_CONFIG = (("in_channels", "in_channels"), ("out_channels", "in_channels"), ("num_layers", "num_layers"),
+                ("num_attention_heads", "num_attention_heads"), ("attention_head_dim", "attention_head_dim"),
+                ("cross_attention_dim", "cross_attention_dim"), ("caption_channels", "caption_channels"))
+_MOCHI_CONFIG = (("patch_size", "patch_size"), ("in_channels", "in_channels"), ("num_layers", "depth"),
+                 ("num_attention_heads", "num_heads"), ("attention_head_dim", _per_head("hidden_size_x", "num_heads")),
+                 ("pooled_projection_dim", "hidden_size_y"), ("text_embed_dim", "t5_feat_dim"))
+# SD3: ComfyUI's MMDiT has ``depth`` blocks of ``depth`` heads (of 64: a hidden size of 64 * depth).
+_SD3_CONFIG = (("in_channels", "in_channels"), ("out_channels", "out_channels"), ("patch_size", "patch_size"),
+               ("num_layers", "depth"), ("num_attention_heads", "depth"), ("pooled_projection_dim", "adm_in_channels"),
+               ("joint_attention_dim", _context_embedder("in_features")),
+               ("caption_projection_dim", _context_embedder("out_features")),
+               ("pos_embed_max_size", "pos_embed_max_size"), ("dual_attention_layers", _sorted("x_block_self_attn_layers")))
+_AURAFLOW_CONFIG = (("in_channels", "in_channels"), ("out_channels", "out_channels"), ("patch_size", "patch_size"),
+                    ("num_mmdit_layers", "n_double_layers"), ("num_single_dit_layers", _difference("n_layers",
+                                                                                                  "n_double_layers")),
+                    ("num_attention_heads", "n_heads"), ("attention_head_dim", _per_head("dim", "n_heads")),
+                    ("joint_attention_dim", "cond_seq_dim"), ("caption_projection_dim", "dim"),
+                    ("pos_embed_max_size", "max_seq"))
 
 FAMILIES: Tuple[Family, ...] = (
     # [ref_conv reference, video, Phantom subject frames]: a plain call has neither, its calls the video alone
@@ -459,44 +557,49 @@ FAMILIES: Tuple[Family, ...] = (
     Family("HunyuanVideo", ("HunyuanVideo",), "HunyuanVideoTransformer3DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanVideo T2V and I2V: double blocks then single blocks, [video, text] with padded "
            "text masked; a ref_latent (before the video) dense", _text_tokens, _hunyuan_video,
-           references=_reference_latent),
+           references=_reference_latent, config_keys=_HUNYUAN_VIDEO_CONFIG),
     Family("HunyuanImage 2.1", ("HunyuanVideo",), "HunyuanImageTransformer2DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanImage 2.1 (image; ComfyUI's HunyuanVideo class with a 2-D patch): double blocks "
            "then single blocks, [image, text] (Qwen2.5-VL tokens, then ByT5's), padded text masked", _text_tokens,
-           _hunyuan_image),
+           _hunyuan_image, config_keys=_HUNYUAN_IMAGE_CONFIG),
     Family("Cosmos 1", ("GeneralDIT",), "CosmosTransformer3DModel", "none", _cosmos1_layers, _cosmos_grid,
-           "Cosmos 1 (text/video to world): blocks.blockN's full-attention building blocks over video only"),
+           "Cosmos 1 (text/video to world): blocks.blockN's full-attention building blocks over video only",
+           config_keys=_COSMOS_CONFIG),
     Family("HiDream", ("HiDreamImageTransformer2DModel",), "HiDreamImageTransformer2DModel", "last",
            _hidream_layers, _hidream_grid, "HiDream-I1 (image): double then single stream blocks, [image, T5, "
-           "Llama-3.1 x 2]; MoE feed-forward untouched", _hidream_text),
+           "Llama-3.1 x 2]; MoE feed-forward untouched", _hidream_text, config_keys=_HIDREAM_CONFIG),
     Family("Cosmos", ("MiniTrainDIT",), "CosmosTransformer3DModel", "none", _wan_layers, _cosmos_grid,
-           "Cosmos Predict2 (text/image to image and video): blocks.*.self_attn over video only"),
+           "Cosmos Predict2 (text/image to image and video): blocks.*.self_attn over video only",
+           config_keys=_COSMOS_CONFIG),
     Family("FLUX", ("Flux",), "FluxTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
            "FLUX.1 dev, schnell and Kontext (image): double blocks then single blocks, [text, image]; Kontext's "
-           "reference images (after the image) dense", _text_tokens, references=_reference_images),
+           "reference images (after the image) dense", _text_tokens, references=_reference_images,
+           config_keys=_FLUX_CONFIG),
     Family("Chroma", ("Chroma",), "ChromaTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
-           "Chroma (image): double blocks then single blocks, [text, image]", _text_tokens),
+           "Chroma (image): double blocks then single blocks, [text, image]", _text_tokens, config_keys=_CHROMA_CONFIG),
     Family("Qwen-Image", ("QwenImageTransformer2DModel",), "QwenImageTransformer2DModel", "first", _qwen_layers,
            _image_grid, "Qwen-Image and Qwen-Image-Edit (image): transformer_blocks.*.attn over [text, image]; "
-           "Edit's reference images (after the image) dense", _text_tokens, references=_reference_images),
+           "Edit's reference images (after the image) dense", _text_tokens, references=_reference_images,
+           config_keys=_QWEN_CONFIG),
     Family("Lumina 2", ("NextDiT",), "Lumina2Transformer2DModel", "first", _lumina_layers, _lumina_grid,
            "Lumina Image 2.0 (image): noise_refiner.*.attention (image alone), then layers.*.attention over "
-           "[caption, image]; the caption refiner dense", _lumina_text, alone=_lumina_alone),
+           "[caption, image]; the caption refiner dense", _lumina_text, alone=_lumina_alone,
+           config_keys=_LUMINA_CONFIG),
     # [video, guide frames]: LTXVAddGuide's appended frames (keyframe_idxs) dense; a plain call the video alone
     Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "last", _ltxv_layers, _ltxv_grid,
            "LTX-Video: transformer_blocks.*.attn1 over the video; LTXVAddGuide's guide frames (appended after "
-           "the video, keyframe_idxs) dense", _ltxv_guide_tokens),
+           "the video, keyframe_idxs) dense", _ltxv_guide_tokens, config_keys=_LTXV_CONFIG),
     Family("Mochi", ("AsymmDiTJoint",), "MochiTransformer3DModel", "last", _mochi_layers, _mochi_grid,
            "Mochi 1 preview: blocks.*.attn over [video, valid text] (padded text cut off); grid read around "
-           "apply_model", _mochi_text, hook="apply_model"),
+           "apply_model", _mochi_text, hook="apply_model", config_keys=_MOCHI_CONFIG),
     # SD3's forward runs no diffusion-model wrapper: its grid is read around apply_model, as Mochi's
     Family("SD3", ("OpenAISignatureMMDITWrapper",), "SD3Transformer2DModel", "first", _sd3_layers, _hunyuan_grid,
            "Stable Diffusion 3 and 3.5 (image): joint_blocks.* over [text, image], each block's SD3.5 image "
            "self-attention (x_block.attn2) after it; grid read around apply_model", _sd3_text, hook="apply_model",
-           alone=_sd3_alone, caller=_sd3_caller),
+           alone=_sd3_alone, caller=_sd3_caller, config_keys=_SD3_CONFIG),
     Family("AuraFlow", ("MMDiT",), "AuraFlowTransformer2DModel", "first", _aura_layers, _hunyuan_grid,
            "AuraFlow (image): double_layers.*.attn then single_layers.*.attn over [8 register tokens, text, image]",
-           _aura_text, _auraflow),
+           _aura_text, _auraflow, config_keys=_AURAFLOW_CONFIG),
     Family("OmniGen2", ("OmniGen2Transformer2DModel",), "Lumina2Transformer2DModel", "first", _omnigen2_layers,
            _hunyuan_grid, "OmniGen2 (image; no Diffusers class: Lumina-Image 2.0's settings, the backbone it "
            "extends: an image refiner, then joint layers, a 2-D grid): noise_refiner.*.attn (image alone), then "
@@ -506,7 +609,7 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Chroma Radiance", ("ChromaRadiance",), "ChromaTransformer2DModel", "first", _hunyuan_layers,
            _hunyuan_grid, "Chroma Radiance (pixel-space Chroma, image; no Diffusers class: Chroma's settings, the same "
            "double and single blocks over [text, image], its pixels patchified by a Conv2d into the same row-major "
-           "2-D grid)", _text_tokens),
+           "2-D grid)", _text_tokens, config_keys=_CHROMA_RADIANCE_CONFIG),
 )
 
 

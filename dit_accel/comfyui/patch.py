@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -204,13 +205,27 @@ def _check_plan_model(method, family, model_name: str, layers, config=None) -> N
 
 
 def _model_config(model, inner, family) -> Optional[dict]:
-    """This MODEL's config entries under Diffusers' names (``family.config_keys``): ComfyUI's ``unet_config``, else
-    the diffusion model's attribute of that name; None for a family that maps none."""
+    """This MODEL's config entries under Diffusers' names (``family.config_keys``), read from ComfyUI's constructor
+    arguments: ``unet_config``, else (ComfyUI built the model as ``cls(**unet_config)``) the constructor's default;
+    the diffusion model's attribute of that name for a model built without one. None for a family that maps none."""
+    if not family.config_keys:
+        return None
     unet = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None)
-    unet = unet if isinstance(unet, dict) else {}
+    if isinstance(unet, dict):
+        try:
+            params = inspect.signature(type(inner).__init__).parameters.values()
+        except (TypeError, ValueError):  # (a constructor without a readable signature: its defaults unknown)
+            params = ()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+        def get(name):
+            return unet[name] if name in unet else defaults.get(name)
+    else:
+        def get(name):
+            return getattr(inner, name, None)
     out = {}
     for ours, theirs in family.config_keys:
-        value = unet[theirs] if theirs in unet else getattr(inner, theirs, None)
+        value = theirs(get) if callable(theirs) else get(theirs)
         if value is not None:
             out[ours] = value
     return out or None
