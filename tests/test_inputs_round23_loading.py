@@ -179,10 +179,10 @@ def test_info_model_with_a_version_of_no_known_family_says_did_you_mean(model):
                                          r"Wan 2\.\d\?\): pass one of the families \(.*Wan 2\.1, Wan 2\.2\), .*; "
                                          r"`dit-accel info` without --model lists the supported transformer classes"):
         model_settings(model)
-    from dit_accel.cli.info import _unknown_version
+    from dit_accel.pipelines.presets import unknown_version
 
     families = {"Wan 2.1", "Wan 2.2", "HunyuanVideo"}  # (a known family in other spellings, and other models, pass)
-    assert [_unknown_version(m, families) for m in ("wan2.2", "Wan-2.1", "HunyuanVideo 1.5", "tiny-shapes-63")] == [""] * 4
+    assert [unknown_version(m, families) for m in ("wan2.2", "Wan-2.1", "HunyuanVideo 1.5", "tiny-shapes-63")] == [""] * 4
 
 
 def test_generate_says_a_gifs_played_rate_once(tmp_path, capsys):

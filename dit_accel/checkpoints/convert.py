@@ -91,13 +91,18 @@ def read_checkpoint(path) -> Dict[str, torch.Tensor]:
     if path.suffix.lower() == ".safetensors" or _is_safetensors(path):
         from ..atomic_files import load_safetensors
 
-        state = load_safetensors(path, expected="a checkpoint of tensors in the SLA reference layout")
+        state = load_safetensors(path, expected="a checkpoint of tensors in the SLA reference layout; if it is "
+                                                "damaged or cut short, download or copy it again")
     else:
         try:
             with warnings.catch_warnings():  # (a pickle protocol note on stderr, beside the one-line answer)
                 warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors come in many types, PyTorch's with a page of advice: say what to do
+            damage = _damage(path, err)
+            if damage:  # (before: "if you trust the file, load it yourself" for a download cut short)
+                raise BadFileError(path, damage, "the whole checkpoint: download or copy it again (an interrupted "
+                                                 "download or copy leaves such a file)") from None
             raise BadFileError(path, "not a PyTorch checkpoint that torch.load can read with weights_only=True "
                                      f"({_load_error(err)})",
                                "a .safetensors file or a .pt/.pth state dict of tensors: if you trust the file, "
@@ -113,6 +118,23 @@ def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _damage(path: Path, err: Exception) -> str:
+    """What is wrong with a ``.pt``/``.pth`` file that torch.load failed on because it is empty or cut short, else "":
+    a zip checkpoint without its end (torch.load said ``OSError: Invalid argument``), a legacy one that ends early."""
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped and not zipfile.is_zipfile(path):
+        return f"is truncated or damaged: a PyTorch (zip) checkpoint of {size} bytes whose end is missing"
+    if isinstance(err, EOFError) or "unexpected EOF" in str(err):
+        return f"is truncated: it ends early ({_load_error(err)})"
+    return ""
 
 
 def _load_error(err: Exception) -> str:

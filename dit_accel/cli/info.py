@@ -154,28 +154,6 @@ def _setting(method, apply_kwargs, grid, where: str, source: str) -> dict:
     return out
 
 
-def _unknown_version(model, families) -> str:
-    """The line for a ``--model`` written as a family and a version dit_accel has no family of (``Wan 2.3``, where
-    it knows Wan 2.1 and Wan 2.2), naming the closest; "" for anything else. Before, the hub word "wan" matched it,
-    and Wan 2.1's settings were printed for it, unremarked."""
-    import difflib
-    import re
-    from pathlib import Path
-
-    found = re.fullmatch(r"\s*([A-Za-z][A-Za-z-]*?)[\s_-]*v?(\d+(?:\.\d+)*)\s*", model) if isinstance(model, str) else None
-    if found is None or Path(model).expanduser().exists():
-        return ""
-    key = lambda text: re.sub(r"[\s_-]", "", text.lower())  # ("Wan2.2", "wan-2.2": Wan 2.2)
-    same = [f for f in families if re.fullmatch(re.escape(key(found.group(1))) + r"v?\d+(\.\d+)*", key(f))]
-    if not same or any(key(f) == key(model) for f in same):
-        return ""
-    close = difflib.get_close_matches(key(model), [key(f) for f in same], n=2, cutoff=0)
-    names = [next(f for f in same if key(f) == c) for c in close]
-    return (f"{model!r} is no model family dit_accel knows (did you mean {' or '.join(names)}?): pass one of the "
-            f"families ({', '.join(sorted(families))}), a transformer class, a Diffusers folder or a hub id; "
-            "`dit-accel info` without --model lists the supported transformer classes")
-
-
 def model_settings(model: str) -> dict:
     """Per registered method, the published settings for ``model`` (or dit_accel's preset default), each with
     its config, ``apply`` kwargs, density on the published grid and source."""
@@ -184,8 +162,8 @@ def model_settings(model: str) -> dict:
     from ..models.loading import index_error
     from ..pipelines.presets import model_family
 
-    problem = index_error(model) or _unknown_version(model, {p.family for c in PRESETS.values() for p in c.published})
-    if problem:  # (before: a folder without a transformer "has no dit_accel preset"; "Wan 2.3" gave Wan 2.1's)
+    problem = index_error(model)  # ("Wan 2.3", a version of no family, is model_family's to refuse)
+    if problem:  # (before: a folder without a transformer "has no dit_accel preset")
         raise ValueError(problem)
     class_name, family = model_family(model)
     preset = PRESETS[class_name]

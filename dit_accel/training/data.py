@@ -7,10 +7,10 @@ Data folders use the usual Diffusers training layout::
       clip1.mp4
       photo.png
 
-Images become 1-frame videos. Videos are cut to the first ``frames`` frames
-(the last frame is repeated when a clip is shorter, with a warning naming the clip). Every sample is resized so
-that it covers ``(height, width)`` and centre-cropped. The sample order is a
-pure function of ``(seed, epoch)`` so that resumed runs see the same data.
+Images become 1-frame videos (an animated PNG or WebP is refused: convert it to a video). Videos are cut to the
+first ``frames`` frames (the last frame is repeated when a clip is shorter, with a warning naming the clip). Every
+sample is resized so that it covers ``(height, width)`` and centre-cropped. The sample order is a pure function of
+``(seed, epoch)`` so that resumed runs see the same data.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def _load_frames(path: Path, limit: int) -> np.ndarray:
         from ..videos import pil_rgb
 
         with Image.open(path) as im:
+            _refuse_animated(path, im)
             # Upright as viewers show it (before: a phone photo stored sideways with an EXIF Orientation tag trained
             # sideways, without a word)
             im = ImageOps.exif_transpose(im)
@@ -103,6 +104,21 @@ def _load_frames(path: Path, limit: int) -> np.ndarray:
     # only the frames a sample takes (before: every frame of the clip was decoded each time a step drew it, gigabytes
     # for a minute of HD video, where the run keeps the first --frames)
     return np.asarray(load_video(str(path), max_frames=limit))
+
+
+class AnimatedImageError(BadFileError):
+    """An image input (.png, .webp) holding an animation: image data is one frame."""
+
+
+def _refuse_animated(path: Path, im) -> None:
+    """AnimatedImageError for an animated PNG or WebP named as an image: its frames would all be dropped but the
+    first (before: without a word). A ``.gif`` is read as a video (:data:`VIDEO_EXTENSIONS`)."""
+    count = getattr(im, "n_frames", 1)
+    if isinstance(count, int) and count > 1:
+        raise AnimatedImageError(path, f"is animated ({count} frames), but an image input is one frame",
+                                 f"a still image: to train on its frames, convert it to a video (`ffmpeg -i "
+                                 f"{path.name} {path.stem}.mp4`) and name that in metadata.jsonl; for one frame, "
+                                 "save that frame as a still image")
 
 
 def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -255,6 +271,7 @@ def _probe(path: Path, frames: int) -> None:
         from PIL import Image
 
         with Image.open(path) as im:
+            _refuse_animated(path, im)
             im.draft(None, (64, 64))
             im.load()
         return
@@ -270,11 +287,11 @@ def _check_decodable(root: Path, names: List[str], flag: str, frames: int) -> No
     file: a video file damaged after its first frame is still found when a step draws it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def problem(name: str) -> Optional[str]:
+    def problem(name: str) -> Optional[Exception]:
         try:
             _probe(root / name, frames)
         except Exception as err:  # PIL, imageio and ffmpeg raise many types for damaged files
-            return _decode_problem(err)
+            return err
         return None
 
     # (ffmpeg runs as processes; every launched process checks its folder: a share of the cores each)
@@ -285,7 +302,9 @@ def _check_decodable(root: Path, names: List[str], flag: str, frames: int) -> No
     if bad:
         name, first = bad[0]
         others = f"; {len(bad) - 1} more file(s) of the folder do not decode either" if len(bad) > 1 else ""
-        raise BadFileError(root / name, f"{first}{others}",
+        if isinstance(first, AnimatedImageError):  # (decodes: what to do differs)
+            raise AnimatedImageError(first.path, f"{first.problem}{others}", first.expected)
+        raise BadFileError(root / name, f"{_decode_problem(first)}{others}",
                            f"an image ({', '.join(IMAGE_EXTENSIONS)}) or a video ({', '.join(VIDEO_EXTENSIONS)}) "
                            f"that decodes: copy the file(s) again, or leave them out of {flag} {str(root)!r} and its "
                            "metadata.jsonl")

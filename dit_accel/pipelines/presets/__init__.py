@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import os
 import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -47,7 +48,7 @@ from ._common import GridInfo, Preset, Published
 
 __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES", "preset_for", "recommended",
            "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family",
-           "model_family"]
+           "model_family", "unknown_version"]
 
 PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
@@ -482,13 +483,14 @@ def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
     embedded tiny model, a local Diffusers folder (its ``model_index.json``) or a hub id / folder
     name that names the family (``Wan-AI/Wan2.2-T2V-A14B-Diffusers``: the presets' ``hub_words``).
     """
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model  # (a pathlib folder was "invalid")
     if not isinstance(model, str) or not model.strip():
         raise ValueError(f"model={model!r} is invalid: pass a hub id, a folder, a tiny model or a class name")
     if model in PRESETS:
         return model, family_of(model)
     families = {p.family: p for preset in PRESETS.values() for p in preset.published}
-    for family in families:
-        if model.strip().lower() == family.lower():
+    for family in families:  # (any separator: "Wan2.2", "wan_2.2", "Hunyuan Video")
+        if _name_key(model) == _name_key(family):
             return next(c for c, preset in PRESETS.items() if families[family] in preset.published), family
     from ...models.tiny_shapes import shapes_model
 
@@ -500,13 +502,103 @@ def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
         return found
     if folder.is_dir() and shapes_model(model) is None:  # a folder: say what it lacks, not every class name
         _refuse_folder(folder)
-    for class_name, preset in PRESETS.items():
-        for pattern, family in preset.hub_words:
-            if re.search(pattern, model.lower()):
-                return class_name, family
+    found = _hub_word_match(model)
+    if found is not None:
+        return found
     raise ValueError(f"cannot tell which model {model!r} is{_did_you_mean(model, [*PRESETS, *families])}: pass a "
                      f"transformer class ({', '.join(PRESETS)}), a "
                      f"family ({', '.join(families)}), a Diffusers folder or a hub id naming the model")
+
+
+def _name_key(text: str) -> str:
+    """``text`` in lower case without separators: "Wan 2.2", "wan_2.2" and "Wan-2.2" read alike."""
+    return re.sub(r"[\s_-]", "", text.lower())
+
+
+def _hub_word_match(model: str) -> Optional[Tuple[str, Optional[str]]]:
+    """``(class name, family)`` of the first preset whose hub word names ``model``, else None. The words are searched
+    in the id with each run of spaces, ``_``, ``-`` and a ``.`` after a letter (and a ``v`` before a version) read as
+    one ``-``, since the words allow ``-`` or nothing: as typed, "HunyuanVideo 1.5", "LTX 2", "FLUX 2" and "wan_2.2"
+    read as HunyuanVideo, LTX-Video, FLUX.1 and Wan 2.1 before, and "Qwen Image" as nothing. A version of a family
+    dit_accel does not know (Wan 2.3) is refused where ``model`` is only a name and a version, and warned of in a hub
+    id (the class is likely right)."""
+    spaced = re.sub(r"(?<=\d)_(?=\d)", ".", model.strip().lower())  # ("wan_2_2" is Wan 2.2)
+    spaced = re.sub(r"-v(?=\d)", "-", re.sub(r"(?:[\s_-]|(?<=[a-z])\.)+", "-", spaced))
+    for class_name, preset in PRESETS.items():
+        for pattern, family in preset.hub_words:
+            if re.search(pattern, spaced):
+                _check_version(model, class_name, family)
+                return class_name, family
+    return None
+
+
+def _versioned(families) -> Dict[str, list]:
+    """``{name key: [family, ...]}`` of the families written as a name and a version ("Wan 2.1", "Wan 2.2")."""
+    out: Dict[str, list] = {}
+    for family in families:
+        found = re.fullmatch(r"([a-z]+?)v?(\d+(?:\.\d+)*)", _name_key(family))
+        if found:
+            out.setdefault(found.group(1), []).append(family)
+    return out
+
+
+def _unknown_versions(text: str, families) -> list:
+    """``(words, families of that name)`` for each family name in ``text`` followed by a version none of them has
+    ("Wan2.3" where dit_accel knows Wan 2.1 and Wan 2.2; "Wan22" and "wan_2_2" are Wan 2.2)."""
+    digits = lambda version: re.sub(r"\D", "", version)
+    out = []
+    for base, same in _versioned(families).items():
+        known = {digits(_name_key(f)[len(base):]) for f in same}
+        for hit in re.finditer(rf"(?<![a-z]){base}[\s._-]*v?(\d+(?:[._]\d+)*)", text.lower()):
+            if digits(hit.group(1)) not in known:
+                out.append((hit.group(0), same))
+    return out
+
+
+def unknown_version(model, families=None) -> str:
+    """The line for a ``--model`` written as a family and a version dit_accel has no family of (``Wan 2.3``, where
+    it knows Wan 2.1 and Wan 2.2), naming the closest; "" for anything else (``dit-accel info`` and
+    :func:`resolve_model_family` refuse with it). ``families``: the published families (default: every preset's)."""
+    if families is None:
+        families = {p.family for preset in PRESETS.values() for p in preset.published}
+    if not isinstance(model, str) or not re.fullmatch(r"\s*[A-Za-z][A-Za-z-]*?[\s_-]*v?\d+(?:[._]\d+)*\s*", model):
+        return ""
+    if Path(model).expanduser().exists():
+        return ""
+    unknown = _unknown_versions(model, families)
+    if not unknown:
+        return ""
+    same = unknown[0][1]
+    close = difflib.get_close_matches(_name_key(model), [_name_key(f) for f in same], n=2, cutoff=0)
+    names = [next(f for f in same if _name_key(f) == c) for c in close]
+    return (f"{model!r} is no model family dit_accel knows (did you mean {' or '.join(names)}?): pass one of the "
+            f"families ({', '.join(sorted(families))}), a transformer class, a Diffusers folder or a hub id; "
+            "`dit-accel info` without --model lists the supported transformer classes")
+
+
+def _check_version(model: str, class_name: str, family: Optional[str]) -> None:
+    """:func:`_hub_word_match`'s check of a version in ``model``: ValueError for a bare family name and version
+    dit_accel has no family of, a DitAccelWarning naming the guess for a hub id that names one."""
+    preset = PRESETS[class_name]
+    families = list(dict.fromkeys([p.family for p in preset.published] + [f for _, f in preset.hub_words if f]))
+    unknown = _unknown_versions(model, families)
+    if not unknown:
+        return
+    problem = unknown_version(model, families)
+    if problem:
+        raise ValueError(problem)
+    import warnings
+
+    from ..._util import DitAccelWarning
+
+    words, same = unknown[0]
+    guess = f"{class_name} ({family})" if family else class_name
+    warnings.warn(f"{model!r} names {words!r}, a version dit_accel has no family of (it knows {', '.join(same)}): "
+                  f"read as {guess} by its name, a guess" + (f", so settings chosen by family are {family}'s" if family
+                                                               else "") + "; check them "
+                  f"against the model card, or download the model (`huggingface-cli download {model}`) so that "
+                  "dit_accel reads its transformer from the snapshot's model_index.json", DitAccelWarning,
+                  stacklevel=4)
 
 
 def model_family(model: str):
@@ -518,6 +610,7 @@ def model_family(model: str):
     ``--frames 81 is invalid`` the user never gave). ValueError (one line) when it cannot be told."""
     from ...models.loading import ModelLoadError, model_folder, resolve_model_kind
 
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model
     try:
         hub = resolve_model_kind(model) == "hub"
     except (ValueError, ModelLoadError):
