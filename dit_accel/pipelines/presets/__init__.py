@@ -320,13 +320,14 @@ def _registered_method(method) -> str:
 
 
 def _known_family(preset: Preset, family: Optional[str]) -> Optional[str]:
-    """``family`` as ``preset`` spells it (any case); ValueError naming its families for one it does not know,
-    where a lookup would quietly find no setting and fall back to the defaults."""
+    """``family`` as ``preset`` spells it (any case and separator: ``wan2.1`` is Wan 2.1, as ``--model`` reads it);
+    ValueError naming its families for one it does not know, where a lookup would quietly find no setting and fall
+    back to the defaults."""
     if family is None:
         return None
     known = list(dict.fromkeys([p.family for p in preset.published] + [f for _, f in preset.hub_words if f]))
     for name in known:
-        if isinstance(family, str) and family.strip().lower() == name.lower():
+        if isinstance(family, str) and _name_key(family) == _name_key(name):
             return name
     raise ValueError(f"family={family!r} is not a published family of {preset.class_name}: "
                      + (f"choose one of {', '.join(map(repr, known))} or leave it unset (the model's own)" if known
