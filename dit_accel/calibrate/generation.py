@@ -10,7 +10,8 @@ import torch
 
 from .replay import DenseReplay
 
-__all__ = ["generate_videos", "takes_one_prompt", "ONE_PROMPT_PIPELINES", "step_timesteps", "check_steps_run"]
+__all__ = ["generate_videos", "takes_one_prompt", "ONE_PROMPT_PIPELINES", "step_timesteps", "check_steps_run",
+           "encoded_repeat"]
 
 
 def _uint8(frames) -> np.ndarray:
@@ -124,3 +125,36 @@ def _check_finite(frames, chunk) -> None:
             raise ValueError(f"the dense run returned {bad} NaN or inf value(s) for prompt {prompt!r}, seed {seed} "
                              "(e.g. a half-precision overflow): there is no reference to calibrate against; try "
                              "--dtype float32")
+
+
+def encoded_repeat(pipe, prompts: Sequence[str], call_kwargs: dict) -> Optional[str]:
+    """Why two of ``prompts`` are one video (None when none are): the same in every token the pipeline's tokenizers
+    encode (the one ``max_sequence_length`` applies to, the last of ``tokenizer_3``, ``tokenizer_2``,
+    ``tokenizer``, cuts there; the others at their ``model_max_length``), so they sat on both sides of the
+    validation split and the search counted one video twice, without a word (tiny-shapes encodes 15 tokens)."""
+    import inspect
+
+    names = [n for n in ("tokenizer", "tokenizer_2", "tokenizer_3") if callable(getattr(pipe, n, None))]
+    params = inspect.signature(pipe.__call__).parameters
+    length = call_kwargs.get("max_sequence_length", getattr(params.get("max_sequence_length"), "default", None))
+    if not names or not isinstance(length, int) or isinstance(length, bool) or "max_sequence_length" not in params:
+        return None
+    seen = {}
+    for prompt in prompts:
+        key = []
+        for name in names:
+            tokenizer = getattr(pipe, name)
+            cut = length if name == names[-1] else getattr(tokenizer, "model_max_length", None)
+            try:
+                ids = list(tokenizer(prompt, add_special_tokens=False).input_ids)
+                special = int(tokenizer.num_special_tokens_to_add())
+            except Exception:  # (a tokenizer of another kind: nothing known)
+                return None
+            key.append(tuple(ids[:max(0, cut - special)] if isinstance(cut, int) and cut < 1_000_000 else ids))
+        if tuple(key) in seen:
+            return (f"prompts {seen[tuple(key)]!r} and {prompt!r} are the same in their first {length - special} "
+                    f"tokens, all that {type(pipe).__name__} encodes (max_sequence_length {length}): they are one "
+                    "video, and each prompt must be given once; make them differ earlier, or raise "
+                    "--max-sequence-length")
+        seen[tuple(key)] = prompt
+    return None

@@ -260,6 +260,15 @@ def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Di
     commit_files(files, commit_journal(out))
 
 
+def under_home(path):
+    """``path`` with a leading ``~`` made the home folder, as :meth:`SparsePlan.save` reads it (a str stays a str);
+    anything else as it is. Before, ``--out=~/plan.json`` put the plan and its report in a folder named ``~`` in the
+    working one, where ``--plan ~/plan.json`` did not look."""
+    if isinstance(path, (str, os.PathLike)) and str(os.fspath(path)).startswith("~"):
+        return os.path.expanduser(path) if isinstance(path, str) else Path(path).expanduser()
+    return path
+
+
 def check_outputs(out, report_dir=None, capture_dir=None) -> None:
     """ValueError naming ``out`` or ``report_dir`` (None: ``PLAN_report/`` beside the plan) when
     :func:`write_outputs` could not write both, checked before the calibration runs: ``out`` a folder or under a
@@ -274,6 +283,7 @@ def check_outputs(out, report_dir=None, capture_dir=None) -> None:
         out = file_to_write(out, "the plan's", "plan.json")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"out: {exc}") from None
+    report_dir, capture_dir = under_home(report_dir), under_home(capture_dir)
     default = report_dir is None
     if default:
         report_dir = out.with_name(out.stem + "_report")

@@ -13,19 +13,21 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._util import format_time
+from .._util import format_time, is_bool
 from ..methods import Dense
 from ..plans.model_config import model_config
+from ..plans.plan_json import stamp_quality
 from ..plans.sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_close, groundtruth_kept,
                      groundtruth_scores, passes_budget, search_budget, warmup_search)
 from .candidates import sparse_candidates
 from .costs import CostModel, MeasuredCostModel
-from .generation import check_steps_run, generate_videos, takes_one_prompt
+from .generation import check_steps_run, encoded_repeat, generate_videos, takes_one_prompt
 from .generation import step_timesteps as _step_timesteps
 from .probes import probe_layer_weights, probe_step_weights
 from .replay import DenseReplay, PassCounter, dense_prefix, pipeline_transformers
-from .report import OUTPUT_FILES, check_outputs, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
+from .report import (OUTPUT_FILES, check_outputs, recover_outputs, under_home,  # noqa: F401  (importable here)
+                     write_outputs)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
 from .search import Assignment, SearchSpace, UniformAssignment, uniform_options
@@ -642,8 +644,11 @@ def _search(pipe, settings: CalibrationSettings, space: SearchSpace, verify, job
     return best, trace, weights
 
 
-def _checked_call(settings, log) -> Callable[[str], None]:
-    """:func:`calibrate`'s ``settings`` and ``log`` checked before anything loads; the log to write notes to."""
+def _checked_call(settings, log, progress=True) -> Callable[[str], None]:
+    """:func:`calibrate`'s ``settings``, ``log`` and ``progress`` checked before anything loads; the log to write
+    notes to."""
+    if not is_bool(progress):  # (a string such as "no" is truthy: the bar was drawn, without a word)
+        raise TypeError(f"progress={progress!r} is invalid: expected True or False (whether to draw a progress bar)")
     if not isinstance(settings, CalibrationSettings):  # (a dict: AttributeError 'dict' object has no attribute 'check')
         raise TypeError(f"settings must be a CalibrationSettings; got {type(settings).__name__}: build one, e.g. "
                         "CalibrationSettings('tiny-shapes', prompts, min_psnr=30)")
@@ -666,7 +671,8 @@ def _loaded(settings: CalibrationSettings, log):
     if takes_one_prompt(pipe) and settings.batch_size > 1:
         log(f"note: {type(pipe).__name__} takes one prompt per call: --batch-size {settings.batch_size} becomes 1")
         settings = replace(settings, batch_size=1)
-    problem = rope_reach_error(pipe, call_kwargs) or text_length_error(pipe, call_kwargs.get("max_sequence_length"))
+    problem = (rope_reach_error(pipe, call_kwargs) or text_length_error(pipe, call_kwargs.get("max_sequence_length"))
+               or encoded_repeat(pipe, settings.prompts, call_kwargs))
     if problem:
         raise ValueError(problem)
     return pipe, call_kwargs, settings
@@ -693,11 +699,13 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     ``log``: where the notes go, one line each (default ``print``; None: nowhere).
     Returns the result dict that ``calibration.json`` holds.
     """
-    log = _checked_call(settings, log)
+    log = _checked_call(settings, log, progress)
+    # (a copy: the model's defaults are filled in below, before into the caller's settings; ~ as save reads it)
+    settings = replace(settings, capture_dir=under_home(settings.capture_dir))
     settings.check()
     # (before: a folder or a clash was found when the plan was written, at the end)
     check_outputs(out, report_dir, settings.capture_dir)
-    out = Path(out)
+    out, report_dir = Path(under_home(out)), under_home(report_dir)
     report_dir = Path(report_dir) if report_dir is not None else out.with_name(out.stem + "_report")
     recover_outputs(out, report_dir)
     seconds: Dict[str, float] = {}
@@ -749,13 +757,14 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         budget, objective = _budget_and_objective(settings, space.costs)
         provenance = SparsePlan.provenance_now(
             model_class=type(dense.transformer).__name__, model_id=settings.model, grids=[list(dense.grid)],
+            head_dim=dense.head_dim,  # (what info --plan and generate price the plan's shares with, as calibrate did)
             model_config=model_config(dense.transformer),
             prompts_sha256=prompts_hash(settings.prompts), seeds=_search_seeds(jobs), budget=budget,
             objective=objective, steps=settings.steps, timesteps=dense.timesteps, call=call_kwargs,
             candidates=[c.label for c in candidates], cost_model=space.costs.describe(),
             quality=_quality_record(best, len(jobs), validation, assignment, calls_per_step,
                                     f"timed on {settings.device}" if settings.costs == "measured" else "modelled"))
-        plan = assignment.to_plan(provenance)
+        plan = stamp_quality(assignment.to_plan(provenance))  # (load drops the record once the plan is edited)
         result = _result(settings, out, dense, space, terms_note, candidates, best, trace, plan, budget, objective,
                          groundtruth, validation, jobs, weights, calls_per_step)
         seconds["total"] = time.perf_counter() - t0

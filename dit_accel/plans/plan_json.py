@@ -267,3 +267,57 @@ def _provenance(r: _Fields, data) -> dict:
     if cost is not None:
         r.obj("provenance.cost_model", cost, "an object (arch, kernel, terms) or null")
     return out
+
+
+def stamp_quality(plan):
+    """``plan`` (a SparsePlan) with its ``provenance.quality`` naming the content it describes (``plan_sha256``):
+    :func:`without_stale_quality` then tells the record of this plan from that of a plan edited since."""
+    quality = plan.provenance.get("quality")
+    if not isinstance(quality, Mapping):
+        return plan
+    quality = {**quality, "plan_sha256": plan.content_hash()}
+    return dataclasses.replace(plan, provenance={**plan.provenance, "quality": quality})
+
+
+def without_stale_quality(plan):
+    """``plan`` (a SparsePlan), without its ``provenance.quality`` when that record names another plan's content
+    (``plan_sha256``, which calibrate writes): the file was edited since, and ``generate`` printed the calibrated
+    plan's PSNR for the edited one, without a word. Warns (DitAccelWarning) naming the file."""
+    import warnings
+
+    from .._util import DitAccelWarning
+
+    quality = plan.provenance.get("quality")
+    made = quality.get("plan_sha256") if isinstance(quality, Mapping) else None
+    if made is None or made == plan.content_hash():
+        return plan
+    warnings.warn(f"dit_accel: {plan.source or 'the plan'}: provenance.quality describes the plan calibrate wrote "
+                  f"(content sha256 {str(made)[:12]}), not this one ({plan.content_hash()[:12]}): the plan was edited "
+                  "since, so its PSNR figures are left out; calibrate again to measure this one", DitAccelWarning,
+                  stacklevel=3)
+    provenance = {k: v for k, v in plan.provenance.items() if k != "quality"}
+    return dataclasses.replace(plan, provenance=provenance)
+
+
+def with_comma_hint(err: ValueError) -> ValueError:
+    """``err`` (a plan file's :class:`~dit_accel.atomic_files.BadFileError`), saying so when the JSON fails at a
+    comma after the last entry of an object or list, which hand edits leave and JSON allows nowhere (before, only
+    the parser's "Expecting property name enclosed in double quotes", pointing past the comma)."""
+    from ..atomic_files import BadFileError
+
+    if not isinstance(err, BadFileError) or not err.problem.startswith("is not valid JSON"):
+        return err
+    try:
+        text = Path(err.path).read_text(encoding="utf-8-sig")
+        json.loads(text)
+    except json.JSONDecodeError as bad:
+        before = text[:bad.pos].rstrip()
+        if text[bad.pos:bad.pos + 1] in ("}", "]") and before.endswith(","):
+            line = before.count("\n") + 1
+            column = len(before) - 1 - before.rfind("\n")
+            return BadFileError(err.path, f"is not valid JSON: a comma after the last entry at line {line}, column "
+                                          f"{column}, before '{text[bad.pos]}' (JSON allows none there): remove it",
+                                err.expected)
+    except (OSError, UnicodeDecodeError):
+        pass
+    return err

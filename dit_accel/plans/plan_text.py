@@ -108,12 +108,19 @@ class _CostBasis:
             arch, kernel = "h100", "current"
         self.arch, self.kernel = arch, kernel
         self.terms = "tiles" if model.get("terms") == "tiles" else "no-launch"
-        self.head_dim = provenance.get("head_dim") or 128
+        config = provenance.get("model_config") if isinstance(provenance.get("model_config"), Mapping) else {}
+        # the calibrated model's head dim (its config's for plans that did not record it; before: 128 for every
+        # plan, which under per-CTA terms put tiny-shapes' Tile share at 59% where calibrate priced it at 84%)
+        head_dim = provenance.get("head_dim") or config.get("attention_head_dim")
+        self.head_dim = head_dim if is_int(head_dim) and head_dim >= 1 else 128
         self._memo: Dict[Method, tuple] = {}
 
-    def describe(self) -> str:
+    def describe(self, unpriced: Optional[str] = None) -> str:
         if self.grid is None:
             return "(step, layer, head) slots counted: the plan records no token grid (provenance.grids)"
+        if unpriced is not None:
+            return (f"(step, layer, head) slots counted: {unpriced} does not run at the plan's grid "
+                    f"{_grid_text(self.grid)} (provenance.grids), so it has no modelled time")
         return (f"modelled attention time per head (dit_accel.kernels.cost, {self.arch}"
                 f"{'' if self.kernel == 'current' else '/' + self.kernel}, terms {self.terms}, head dim "
                 f"{self.head_dim}) at grid {_grid_text(self.grid)}, weighted by steps")
@@ -162,3 +169,43 @@ class _CostBasis:
         secs = (c.block_sparse_time(counts, head_dim=d, arch=self.arch, kernel=self.kernel)
                 - c.constants(self.arch, self.kernel).per_call_s) / layout.num_heads
         return name, secs, plan.density
+
+
+def plan_profile(plan) -> dict:
+    """:meth:`SparsePlan.profile <dit_accel.plans.sparse_plan.SparsePlan.profile>`: every (step, layer, head) slot
+    priced with :class:`_CostBasis`, or counted where a slot has no price. A slot without a price is never mixed
+    with priced ones (before: it counted as one second against microseconds, so a method that does not run at the
+    grid showed as 100% of the attention time, and dense as 0%)."""
+    prov = plan.provenance
+    steps = prov.get("steps")
+    total = steps or max((p.stop if p.stop is not None else p.start + 1 for p in plan.phases), default=1)
+    layers = plan.num_layers or (max(plan.layers_named(), default=-1) + 1) or 1
+    heads = plan.num_heads or max((m.heads for m in plan.methods() if isinstance(m, PerHead)), default=1)
+    grids = prov.get("grids") or ()
+    grid = tuple(grids[0]) if grids else None
+    basis = _CostBasis(prov, grid)
+    seconds: Dict[str, float] = {}
+    counts: Dict[str, float] = {}
+    density_sum, slots, unknown, unpriced = 0.0, 0, False, None
+    spans = [(p, max((p.stop if p.stop is not None else total) - p.start, 0)) for p in plan.phases]
+    spans.append((None, max(total - sum(n for _, n in spans), 0)))  # steps no phase covers: dense
+    for phase, n_steps in spans:
+        for layer in range(layers if n_steps else 0):
+            method = Dense() if phase is None else phase.method(layer)
+            for m in method.methods if isinstance(method, PerHead) else (method,) * heads:
+                label, secs, density = basis.head(m)
+                counts[label] = counts.get(label, 0.0) + n_steps
+                seconds[label] = seconds.get(label, 0.0) + n_steps * (secs or 0.0)
+                if secs is None and grid is not None and unpriced is None:
+                    unpriced = method_label(m)
+                unknown = unknown or density is None
+                density_sum += n_steps * (density or 0.0)
+                slots += n_steps
+    priced = grid is not None and unpriced is None
+    if not priced:
+        seconds = counts
+    whole = sum(seconds.values()) or 1.0
+    share = {k: v / whole for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
+    return {"seconds": seconds, "share": share, "mean_density": None if unknown or not slots else
+            density_sum / slots, "steps": steps, "layers": layers, "heads": heads, "grid": grid,
+            "priced": priced, "basis": basis.describe(unpriced)}

@@ -43,8 +43,10 @@ from .per_head import PerHead
 
 from .plan_json import (_CALL_COUNTS, _PHASE_FIELDS, _PLAN_FIELDS, FORMAT, FORMAT_VERSION,  # noqa: F401
                                _Fields, _method_entry, _provenance, _show, _tuples, method_from_json,
-                               method_to_json, prompts_hash, repeated_key, write_atomic)
-from .plan_text import _CostBasis, _gaps, _grid_text, _heads_text, _span, method_label, own_heads  # noqa: F401
+                               method_to_json, prompts_hash, repeated_key, with_comma_hint, without_stale_quality,
+                               write_atomic)
+from .plan_text import (_CostBasis, _gaps, _grid_text, _heads_text, _span, method_label, own_heads,  # noqa: F401
+                        plan_profile)
 
 __all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_json", "method_label", "prompts_hash",
            "write_atomic", "file_to_write", "FORMAT"]
@@ -402,7 +404,7 @@ class SparsePlan:
                 if p.start >= steps or (p.stop is not None and p.stop > steps):
                     r.fail(f"phases[{i}].steps", f"steps {_span(p)} run past the last step: the plan is for "
                                                  f"{steps} steps (provenance.steps; steps 0..{steps - 1})")
-        return cls(tuple(phases), num_layers, num_heads, provenance, source=source)
+        return without_stale_quality(cls(tuple(phases), num_layers, num_heads, provenance, source=source))
 
     def save(self, path) -> Path:
         """Write the plan's JSON to ``path`` (a file name, e.g. ``plan.json``; missing folders are made)
@@ -435,6 +437,8 @@ class SparsePlan:
             twice = repeated_key(read_text(path))
         except RecursionError:
             raise ValueError(f"{path}: format: nested too deeply to be a plan") from None
+        except ValueError as err:
+            raise with_comma_hint(err) from None
         if twice is not None:
             raise ValueError(f"{path}: {twice}: given twice in one object (JSON would keep only the last, without a "
                              "word): keep one of them")
@@ -659,45 +663,13 @@ class SparsePlan:
         Every (step, layer, head) slot is priced as one head of one attention call at the plan's first
         calibration grid (``provenance.grids``) with the cost model its provenance names (``arch``,
         ``kernel``, ``terms``; H100 per-head times otherwise), without the per-launch terms. Steps no phase
-        covers run dense. Without a grid, slots are counted instead of priced and density is unknown.
+        covers run dense. Without a grid, or with a method that does not run at it, slots are counted instead of
+        priced (``priced`` False; ``basis`` says why) and density is unknown.
 
-        Returns ``{"seconds": {method: s}, "share": {method: fraction}, "mean_density": float or None,
-        "steps", "layers", "heads", "grid", "basis": str}``.
+        Returns ``{"seconds": {method: s or slots}, "share": {method: fraction}, "mean_density": float or None,
+        "steps", "layers", "heads", "grid", "priced": bool, "basis": str}``.
         """
-        prov = self.provenance
-        steps = prov.get("steps")
-        ends = [p.stop if p.stop is not None else p.start + 1 for p in self.phases]
-        total = steps or max(ends, default=1)
-        layers = self.num_layers or (max(self.layers_named(), default=-1) + 1) or 1
-        heads = self.num_heads or max((m.heads for m in self.methods() if isinstance(m, PerHead)), default=1)
-        grids = prov.get("grids") or ()
-        grid = tuple(grids[0]) if grids else None
-        basis = _CostBasis(prov, grid)
-        seconds: Dict[str, float] = {}
-        density_sum, slots, unknown = 0.0, 0, False
-        covered = 0
-        spans = [(p, max((p.stop if p.stop is not None else total) - p.start, 0)) for p in self.phases]
-        spans.append((None, max(total - sum(n for _, n in spans), 0)))  # steps no phase covers: dense
-        for phase, n_steps in spans:
-            if not n_steps:
-                continue
-            covered += n_steps
-            for layer in range(layers):
-                method = Dense() if phase is None else phase.method(layer)
-                inner = method.methods if isinstance(method, PerHead) else (method,) * heads
-                for m in inner:
-                    label, secs, density = basis.head(m)
-                    seconds[label] = seconds.get(label, 0.0) + n_steps * (1.0 if secs is None else secs)
-                    if density is None:
-                        unknown = True
-                    else:
-                        density_sum += n_steps * density
-                    slots += n_steps
-        whole = sum(seconds.values()) or 1.0
-        share = {k: v / whole for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
-        return {"seconds": seconds, "share": share, "mean_density": None if unknown or not slots else
-                density_sum / slots, "steps": steps, "layers": layers, "heads": heads, "grid": grid,
-                "basis": basis.describe()}
+        return plan_profile(self)
 
     def summary_line(self) -> str:
         """The plan in one line: content hash, model, steps x layers x heads, methods by share of modelled
@@ -709,7 +681,7 @@ class SparsePlan:
         model = self.provenance.get("model_class")
         where = f" for {model}" if model else ""
         grid = f" at grid {_grid_text(prof['grid'])}" if prof["grid"] else ""
-        what = "attention time" if prof["grid"] else "(step, layer, head) slots"
+        what = "attention time" if prof["priced"] else "(step, layer, head) slots"
         shares = ", ".join(f"{name} {100 * f:.0f}%" for name, f in prof["share"].items())
         density = "n/a" if prof["mean_density"] is None else f"{prof['mean_density']:.3f}"
         return (f"plan {self.content_hash()[:12]}{where}: {steps} x {layers} x {heads}{grid}; {what}: {shares}; "
