@@ -150,7 +150,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                                          "from the layouts alone (no GPU)")
     lay.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
     lay.add_argument("--grids", default=None, help="comma-separated substrings of the grid names (default all: "
-                                                    "Wan 2.1 480p, Wan 2.1 720p, HunyuanVideo 720p, FastWan 448x832)")
+                                                    "Wan 2.1 480p, Wan 2.1 720p, HunyuanVideo 720p, FastWan 448x832, "
+                                                    "tiny-shapes-63)")
     lay.add_argument("--methods", default=None, help="comma-separated of tile,gna,radial,sla,vsa (default all)")
     lay.set_defaults(func=_run_layouts)
     return p
@@ -161,6 +162,18 @@ def _kept_shapes(text: str, shapes) -> list:
     that names no substring (``,`` or ``""`` matched every shape, starting a full benchmark)."""
     keep = [x.strip().lower() for x in text.split(",") if x.strip()]
     return [s for s in shapes if any(k in s.name.lower() for k in keep)]
+
+
+def _shapes_error(text: str, shapes, which: str) -> "str | None":
+    """Why ``--shapes`` cannot choose among ``shapes`` (None when it can): an entry that matches none of them (before:
+    dropped without a word, ``Wan,FLUXX`` timing Wan alone) or no entry at all."""
+    keep = [x.strip() for x in text.split(",") if x.strip()]
+    missed = [k for k in keep if not any(k.lower() in s.name.lower() for s in shapes)]
+    if keep and not missed:
+        return None
+    what = f": {', '.join(map(repr, missed))} matches none of" if missed else " matches none of"
+    return (f"--shapes {text!r}{what} the {which} shapes: {', '.join(s.name for s in shapes)}; give parts of "
+            "those names, comma-separated")
 
 
 def _floats(text):
@@ -207,14 +220,25 @@ def _plot_error(path) -> "str | None":
 
 
 def _command_line(args) -> str:
+    """The command that reproduces the run, as its results record it (--modelled: with the model's --arch, --tile
+    and --kernels, which it dropped before: an h200 table said it came from the h100 command)."""
     parts = ["dit-accel bench kernels"]
-    for name in ("device", "densities", "shapes", "backends", "threads", "repeats", "warmup", "dtype", "out", "plot"):
+    names = ("device", "densities", "shapes", "backends", "threads", "repeats", "warmup", "dtype", "out", "plot")
+    for name in names + (("arch", "tile", "kernels") if args.modelled else ()):
         value = getattr(args, name)
         if value is not None:
             parts.append(f"--{name} {value}")
     parts += [flag for flag, on in (("--quick", args.quick), ("--no-sla", args.no_sla), ("--no-vsa", args.no_vsa),
-                                    ("--no-flex-compiled", args.no_flex_compiled)) if on]
+                                    ("--no-flex-compiled", args.no_flex_compiled), ("--modelled", args.modelled)) if on]
     return " ".join(parts)
+
+
+def _repeated(flag: str, values) -> "str | None":
+    """Why ``values`` of ``flag`` cannot run: one given twice (it ran twice, two rows of one setting); else None."""
+    twice = next((value for i, value in enumerate(values) if value in values[:i]), None)
+    if twice is None:
+        return None
+    return f"{flag} names {f'{twice:g}' if isinstance(twice, float) else twice} more than once; name each once"
 
 
 def run(args) -> int:
@@ -244,15 +268,18 @@ def _run_gpu(args, **overrides) -> int:
         return fail(problem)
     shapes = list(gpu.STANDARD_SHAPES)
     if args.shapes is not None:
+        if problem := _shapes_error(args.shapes, shapes, "standard"):
+            return fail(problem)
         shapes = _kept_shapes(args.shapes, shapes)
-        if not shapes:
-            return fail(f"--shapes {args.shapes!r} matches none of {', '.join(s.name for s in gpu.STANDARD_SHAPES)}")
     densities = _floats(args.densities) if args.densities else list(gpu.STANDARD_DENSITIES)
     if not densities or any(not 0 < d <= 1 for d in densities):
         return fail(f"--densities must be comma-separated numbers in (0, 1]; got {args.densities!r}")
     methods = [_gpu_method_name(m) for m in (args.methods or ",".join(gpu.STANDARD_METHODS)).split(",") if m.strip()]
     if not methods or set(methods) - set(gpu.STANDARD_METHODS):
         return fail(f"--methods takes {', '.join(gpu.STANDARD_METHODS)} (any case; sta = tile); got {args.methods!r}")
+    problem = _repeated("--densities", densities) or _repeated("--methods", methods)
+    if problem:  # (each ran twice, out of the one --budget)
+        return fail(problem)
     budget = gpu.BUDGET_S if args.budget is None else args.budget
     if not budget > 0:
         return fail(f"--budget must be positive seconds; got {args.budget}")
@@ -323,15 +350,18 @@ def _run_kernels(args) -> int:
     if unknown or backends == []:
         return fail(f"--backends {args.backends!r}: choose from {', '.join(BACKENDS)} (comma-separated)")
     cuda = device.startswith("cuda")
+    if not cuda and "triton" in (backends or ()):  # (before: a row at 0.01x, the interpreter's time as the kernel's)
+        return fail("--backends triton on --device cpu would time Triton's interpreter, a correctness tool thousands "
+                    "of times slower than the kernel on a GPU: drop triton (the CPU times torch and flex), or use "
+                    "--modelled for GPU figures")
     if cuda:
         shapes = bench.GPU_SHAPES[:1] if args.quick else bench.GPU_SHAPES
     else:
         shapes = bench.CPU_QUICK_SHAPES if args.quick else bench.CPU_SHAPES
     if args.shapes is not None:
-        available, shapes = shapes, _kept_shapes(args.shapes, shapes)
-        if not shapes:
-            return fail(f"--shapes {args.shapes!r} matches none of the {'GPU' if cuda else 'CPU'} shapes: "
-                        f"{', '.join(s.name for s in available)}")
+        if problem := _shapes_error(args.shapes, shapes, "GPU" if cuda else "CPU"):
+            return fail(problem)
+        shapes = _kept_shapes(args.shapes, shapes)
     densities = _floats(args.densities) if args.densities else (
         bench.CPU_QUICK_DENSITIES if args.quick else bench.DENSITIES)
     if not densities or any(not 0 < d <= 1 for d in densities):
@@ -347,6 +377,9 @@ def _run_kernels(args) -> int:
             threads = []
         if not threads or min(threads) < 1:
             return fail(f"--threads must be comma-separated counts >= 1 such as 1,2; got {args.threads!r}")
+    problem = _repeated("--densities", densities) or _repeated("--threads", threads or [])
+    if problem:
+        return fail(problem)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick and not cuda else None)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if not cuda:
@@ -394,15 +427,18 @@ def _run_modelled(args, fail) -> int:
             cost.constants(args.arch, kernel)
     except ValueError as exc:
         return fail(str(exc))
+    if _repeated("--kernels", kernels or []):
+        return fail(_repeated("--kernels", kernels))
     shapes = list(bench.GPU_SHAPES)
-    if args.shapes is not None:  # (as the timed run reads it: an empty entry matched every shape)
+    if args.shapes is not None:
+        if problem := _shapes_error(args.shapes, shapes, "GPU"):
+            return fail(problem)
         shapes = _kept_shapes(args.shapes, shapes)
-        if not shapes:
-            return fail(f"--shapes {args.shapes!r} matches none of the GPU shapes: "
-                        f"{', '.join(s.name for s in bench.GPU_SHAPES)}")
     densities = _floats(args.densities) if args.densities else list(bench.DENSITIES)
     if not densities or any(not 0 < d <= 1 for d in densities):
         return fail(f"--densities must be comma-separated numbers in (0, 1]; got {args.densities!r}")
+    if problem := _repeated("--densities", densities):
+        return fail(problem)
     tile = None
     if args.tile:
         try:
@@ -411,8 +447,13 @@ def _run_modelled(args, fail) -> int:
             tile = ()
         if not tile or any(t < 1 for t in tile):
             return fail(f"--tile must be comma-separated positive ints such as 1,16,8; got {args.tile!r}")
+        dims = sorted({len(s.grid) for s in shapes})
+        if len(tile) not in dims:  # (before: no tile row at all, a note per density, and exit 0)
+            return fail(f"--tile {args.tile} has {len(tile)} value(s), but the grids of the shapes kept have "
+                        f"{' or '.join(map(str, dims))} dimensions: give one per grid dimension, e.g. 1,16,8 (T,H,W "
+                        "of the video shapes) or 16,8 with --shapes FLUX")
     result = bench.model_kernels(shapes, densities, arch=args.arch, kernels=kernels, sla=not args.no_sla, tile=tile)
-    result["command"] = _command_line(args) + " --modelled"
+    result["command"] = _command_line(args)
     print(f"MODELLED {args.arch} (a model, not a measurement): {result['constants_source']}")
     print(bench.kernels_table(result))
     for note in result["notes"]:
@@ -442,7 +483,7 @@ def _run_fidelity(args) -> int:
     if error is None and args.out is not None:
         from .checks import file_error
 
-        error = file_error(args.out, "--out", "fidelity.json")
+        error = file_error(args.out, "--out", "fidelity.json") or _fidelity_out_error(args)
     if error:
         print(f"dit-accel bench fidelity: {error}", file=sys.stderr)
         return 2
@@ -458,6 +499,22 @@ def _run_fidelity(args) -> int:
         atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
+
+
+def _fidelity_out_error(args) -> "str | None":
+    """Why ``bench fidelity --out`` would write over an input (None when it would not): the ``--method-config``
+    file, or a file of the ``--capture`` folder (before: the results replaced it, JSON in a .pt)."""
+    from pathlib import Path
+
+    from ..pipelines.capture import CAPTURE_NAME
+
+    out = Path(args.out).expanduser().resolve()
+    if args.method_config and out == Path(args.method_config).expanduser().resolve():
+        return f"--out {args.out} is the --method-config file: the results would replace it; give another path"
+    if out.parent == Path(args.capture).expanduser().resolve() and CAPTURE_NAME.match(out.name):
+        return (f"--out {args.out} names a capture file of the --capture folder, which the run reads: give a path "
+                "outside it, e.g. fidelity.json")
+    return None
 
 
 #: Kernel names ``bench sass --kernel`` takes (block-sparse and SLA).
@@ -492,6 +549,8 @@ def _run_sass(args) -> int:
         bad = [v for v in values if not ok(v)]
         if bad or (flag in ("--arch", "--family") and not values):
             return refuse(f"{flag} takes {expected}; got {bad or 'nothing'}")
+        if problem := _repeated(flag, values):  # (--arch 90,90 compiled and printed every row twice)
+            return refuse(problem)
     if args.workers < 1:
         return refuse(f"--workers must be >= 1; got {args.workers}")
     ignored = _search_ignores(args)
@@ -569,6 +628,8 @@ def _run_layouts(args) -> int:
 
     wanted = [w.strip() for w in (args.grids or "").split(",") if w.strip()]
     grids = [name for name in GRIDS if not wanted or any(w.lower() in name.lower() for w in wanted)]
+    if any(not any(w.lower() in name.lower() for name in GRIDS) for w in wanted):
+        grids = []  # (an entry matching no grid was dropped without a word: 480p,FastWann printed 480p alone)
     # (any case, and the sta alias, as --method takes them)
     methods = [canonical_method_name(m) for m in (args.methods or "").split(",") if m.strip()] or list(METHODS)
     bad = [m for m in methods if m not in METHODS]

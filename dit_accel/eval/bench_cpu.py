@@ -12,8 +12,8 @@ Patterns at ``N = 8192`` (the default sizes; names carry the visited density the
 - ``gna-strided-0.094``: GNA kernel (2, 12, 16), stride (2, 4, 8), grid (8, 32, 32).
 - ``gna-0.105`` / ``gna-0.282``: GNA stride 1, kernels (2, 9, 9) / (3, 11, 11), grid (8, 32, 32).
 - ``radial-0.109`` / ``radial-0.296``: radial attention, grids (128, 8, 8) / (64, 8, 16), block 64.
-- ``sla-0.2``: the SLA twin, topk 0.2, with the linear branch and a zero-initialised
-  projection (SLA before fine-tuning), vs SDPA only.
+- ``sla-0.2``: the SLA twin, topk 0.2, with the linear branch and a trained (non-zero)
+  projection, so the linear branch runs (a zero one is skipped), vs SDPA only.
 - ``band`` / ``window``: a block band / 1-D token window at ``--density`` (synthetic).
 
 Every round runs each contender once, in an order that rotates between rounds, so
@@ -116,7 +116,7 @@ def contenders(name: str, q, k, v, args):
         from ..kernels.sla import sla_attention
         from ..kernels.sla.common import SLAParams
 
-        params = SLAParams(topk=float(name.split("-")[1]), block_q=args.block, block_k=args.block)
+        params = SLAParams(topk=float(name[len("sla-"):]), block_q=args.block, block_k=args.block)
         # A trained (non-zero) projection, so the linear branch runs (a zero one is skipped: is_inert).
         proj = torch.nn.Linear(args.d, args.d)
         calls["dit"] = lambda: sla_attention(q, k, v, params, proj, backend="torch")
@@ -174,6 +174,10 @@ def _argument_error(args) -> str:
     threads = [t.strip() for t in args.threads.split(",")]
     if not all(t.isdigit() and int(t) >= 1 for t in threads):
         return f"--threads must be comma-separated counts >= 1 such as 1,2; got {args.threads!r}"
+    for flag, values in (("--threads", [int(t) for t in threads]), ("--patterns", args.patterns.split(","))):
+        twice = next((value for i, value in enumerate(values) if value in values[:i]), None)
+        if twice is not None:  # (before: timed twice, as two rows of one setting)
+            return f"{flag} names {twice} more than once; name each once"
     if not (math.isfinite(args.density) and 0 < args.density <= 1):
         return f"--density must be a fraction in (0, 1] such as 0.1; got {args.density}"
     for name in args.patterns.split(","):
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
             ideal = percent_down(vs_sdpa * density) if density else ""
             vs_flex = f"{median_ratio(times, 'flex', 'dit'):.2f}x" if "flex" in times else ""
             flex_ms = f"{ms['flex']:.1f}" if "flex" in ms else ""
-            dens = f"{density:.3f}" if density else name.split("-")[1]
+            dens = f"{density:.3f}" if density else name[len("sla-"):]  # (split("-"): sla-1e-3 read "1e")
             rows.append(f"| {name} | {dens} | {threads} | {ms['sdpa']:.1f} | {ms['dit']:.1f} | {flex_ms} | "
                         f"{vs_sdpa:.2f}x | {ideal} | {vs_flex} |")
             if args.backward:  # (sla-* too: before, its fwd+bwd row was left out without a word)

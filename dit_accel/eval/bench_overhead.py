@@ -35,6 +35,8 @@ from .bench_cpu import median_ratio, run_rounds
 
 
 MODELS = ("tiny-wan", "tiny-shapes")
+#: The rows timed in every run, which the ratios divide by: no method row may take their names.
+BASELINES = ("unwrapped", "Dense()")
 
 
 def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3, methods=None,
@@ -48,6 +50,11 @@ def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3,
     ``copies``: deep copies of the model per contender, round ``r`` calling copy ``r % copies`` (where a
     copy's weights landed in memory moved its time by up to 2% here, in either direction: one copy per
     contender would charge that to the contender)."""
+    taken = [label for label in BASELINES if label in (methods or {})]
+    if taken:  # (before: such a row replaced the baseline, and every ratio divided by the wrong time)
+        raise ValueError(f"a method row is labelled {taken[0]!r}, the name of a baseline row "
+                         f"({' and '.join(BASELINES)} are always timed, and the ratios divide by them): give that row "
+                         "another label (label: in --method-config)")
     import dit_accel
     from ..models.tiny import build_tiny_transformer, tiny_transformer_inputs
 

@@ -88,17 +88,22 @@ def _read_capture(path: Path) -> dict:
     """One capture file, checked: q, k, v ``(B, H, N, D)`` float tensors of one shape, finite, and a token grid
     of positive ints whose product is N; BadFileError naming the file otherwise (truncated, empty, another
     pickle, objects that are not tensors or plain types)."""
+    redo = "capture it again, or move it out of the --capture folder"  # (what to do: the run stops at it)
     try:  # weights_only: a capture file shared by someone else cannot run code
+        if path.stat().st_size == 0:  # (was "cannot be read (EOFError: )")
+            raise BadFileError(path, f"is empty (0 bytes: a capture cut short): {redo}", _EXPECTED)
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except BadFileError:
+        raise
     except pickle.UnpicklingError as err:
         if "weights_only" in str(err) or "Weights only" in str(err):
             raise BadFileError(path, "holds objects other than tensors and plain types, which are not loaded (a "
                                "pickle can run code); capture it again with this dit_accel", _EXPECTED) from None
-        raise BadFileError(path, f"cannot be read (UnpicklingError: {' '.join(str(err).split())[:100]})",
+        raise BadFileError(path, f"cannot be read (UnpicklingError: {' '.join(str(err).split())[:100]}): {redo}",
                            _EXPECTED) from None
     except Exception as err:  # zip, pickle and EOF errors come in many types
-        raise BadFileError(path, f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
-                           _EXPECTED) from None
+        raise BadFileError(path, f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:100]}): "
+                           f"{redo}", _EXPECTED) from None
     ok = isinstance(data, dict) and all(isinstance(data.get(n), torch.Tensor) and data[n].dim() == 4
                                         and data[n].is_floating_point() for n in ("q", "k", "v"))
     if not ok or not (data["q"].shape == data["k"].shape == data["v"].shape):
