@@ -8,6 +8,7 @@ upgrading dit_accel upgrades the nodes and nothing is copied.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,12 +16,22 @@ from typing import List, Optional
 
 from ..atomic_files import atomic_write_text
 
-__all__ = ["SHIM", "install", "main"]
+__all__ = ["SHIM", "install", "main", "other_python"]
 
 MARKER = "# Written by `python -m dit_accel.comfyui install`"
 SHIM = f'''{MARKER}: ComfyUI loads dit_accel's nodes from the installed dit_accel
 # package (pip install dit-accel into ComfyUI's Python environment). Run the command again to rewrite this file.
-from dit_accel.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+try:
+    from dit_accel.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+except ModuleNotFoundError as err:
+    if err.name not in ("dit_accel", "dit_accel.comfyui"):
+        raise
+    import sys
+
+    raise ImportError(f"the dit_accel nodes need the dit_accel package in the Python that runs ComfyUI "
+                      f"({{sys.executable}}), which has none (or one without them): install it there "
+                      f"({{sys.executable}} -m pip install dit-accel, or -e /path/to/dit_accel) and restart ComfyUI"
+                      ) from None
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 '''
@@ -37,6 +48,10 @@ def install(comfyui: Path) -> Path:
         raise ValueError(f"{root} is not a ComfyUI folder (it has no comfy/ and custom_nodes/ folders): give the "
                          f"folder of ComfyUI's main.py{hint}")
     target = root / "custom_nodes" / "dit_accel" / "__init__.py"
+    _check_not_a_link(target.parent)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise ValueError(f"{target} exists and is not a file this command wrote: move the folder {target.parent} "
+                         "away first (it is another node pack named dit_accel)")
     if target.exists() and not target.read_text(encoding="utf-8", errors="replace").startswith(MARKER):
         raise ValueError(f"{target} exists and was not written by this command: move that folder away first (it "
                          "is another node pack named dit_accel)")
@@ -54,6 +69,29 @@ def install(comfyui: Path) -> Path:
 
 def _is_comfyui(root: Path) -> bool:
     return (root / "custom_nodes").is_dir() and (root / "comfy").is_dir()
+
+
+def _check_not_a_link(folder: Path) -> None:
+    """A ``custom_nodes/dit_accel`` that is a link (a clone linked in, or one left dangling) is not written through:
+    the shim would land in the linked folder, or fail as "File exists" (said as a permission problem)."""
+    if folder.is_symlink():
+        where = os.readlink(folder)
+        state = "" if folder.exists() else ", which does not exist"
+        raise ValueError(f"{folder} is a link to {where}{state}: remove the link (it is not this command's), then run "
+                         "the command again")
+
+
+def other_python(root: Path) -> Optional[Path]:
+    """The Python of ComfyUI's own environment where one is beside it and is not this one (the Windows portable's
+    ``python_embeded``, a ``venv`` or ``.venv`` in the ComfyUI folder): the shim imports dit_accel from ComfyUI's
+    Python, so dit_accel installed into this one alone leaves the nodes unloaded. None where there is none."""
+    here = Path(sys.prefix).resolve()
+    for env in (root.parent / "python_embeded", root / "venv", root / ".venv"):
+        python = next((p for p in (env / "python.exe", env / "bin" / "python", env / "Scripts" / "python.exe")
+                       if p.is_file()), None)
+        if python is not None and env.resolve() != here:
+            return python
+    return None
 
 
 def _check_folder(folder: Path) -> None:
@@ -83,4 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {written}: restart ComfyUI and the dit_accel nodes are under the dit_accel category")
+    python = other_python(Path(args.comfyui).expanduser())
+    if python is not None:
+        print(f"note: ComfyUI there has its own Python ({python}), not this one ({sys.executable}): the nodes load "
+              f"only where dit_accel is installed into it: {python} -m pip install dit-accel (or -e "
+              "/path/to/dit_accel)", file=sys.stderr)
     return 0

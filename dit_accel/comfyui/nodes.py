@@ -211,6 +211,9 @@ def _value(name: str, field: dataclasses.Field, opt: CliOption, value):
             raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: choose one of "
                              f"{', '.join(map(str, opt.choices))}")
         return match[0]
+    if value is None and field.default is not None:  # (linked from an any-type node: it ran the default unsaid)
+        raise ValueError(f"dit_accel: widget {name}=None is invalid: {opt.help} ({_example(field, opt)}); the node "
+                         "linked to it gives None: link a value, or type one")
     if not isinstance(value, str):
         return value
     if opt.parse == "str" and opt.metavar in ("FILE", "DIR"):
@@ -393,8 +396,9 @@ def node_for(name: str, cls: type, summary: str) -> type:
 
         options = _options(widgets)
         if preset != CUSTOM:
-            if preset not in presets:
-                raise ValueError(f"dit_accel: preset {preset!r} is not one of this node's: {', '.join(presets)}")
+            if not isinstance(preset, str) or preset not in presets:  # (a list linked from another node: unhashable)
+                raise ValueError(f"dit_accel: preset {preset!r} is not one of this node's: {', '.join(presets)}; "
+                                 f"choose one of them, or {CUSTOM}")
             _check_preset_for(model, preset, *presets[preset])
             method, published_options = presets[preset][0].build()
             _warn_preset_ignores(preset, presets[preset][0], fields, widgets, options, published_options)

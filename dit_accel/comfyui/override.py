@@ -366,8 +366,13 @@ class Patch:
             raise ValueError("dit_accel: dense_steps/dense_last_steps and plans with steps need the sampling step, "
                              f"but {self.model_name} was called outside a ComfyUI sampler (no sample_sigmas in "
                              "transformer_options): sample with a KSampler, or patch without step options")
-        method = self.schedule.method_for(layer, state.step or 0, state.total)
-        return method, None if method is not None else "dense step"
+        step, schedule = state.step or 0, self.schedule
+        method = schedule.method_for(layer, step, state.total)
+        if method is not None:
+            return method, None
+        # (a strategy's or plan's own dense entry, or a layer it leaves out, is no dense step of the node's widgets)
+        last = schedule.dense_last_steps and state.total is not None and step >= state.total - schedule.dense_last_steps
+        return None, "dense step" if step < schedule.dense_steps or last else "dense in the plan or strategy here"
 
     def warn_no_speedup(self, layer: int, method, plan) -> None:
         """As ``dit_accel.apply`` says them, once per method and grid: a plan that runs dense (a window covering the

@@ -52,7 +52,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..atomic_files import check_hashes, load_safetensors, safetensors_keys, safetensors_metadata
+from ..atomic_files import BadFileError, check_hashes, load_safetensors, safetensors_keys, safetensors_metadata
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
 from ..checkpoints.lora_checks import (check_float_weights, check_lora_covers, check_lora_pairs, check_lora_scales,
                                        kohya_alpha, kohya_alpha_problem, lacking_lora)
@@ -266,6 +266,10 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         if why is not None:
             raise ValueError(f"dit_accel: {path} has a LoRA on {module} ({key}), which ComfyUI's {family.name} "
                              f"({model_name}) cannot take exactly: {why}; train without it (--target-modules)")
+        if sep and re.fullmatch(r"(down|up)\.weight|[AB]\.\w+\.weight", rest):  # (kohya's, a named peft adapter's)
+            raise ValueError(f"dit_accel: {path} has {key}: LoRA names of kohya (lora_down/lora_up) or of a named peft "
+                             "adapter, not the Diffusers lora_A/lora_B names dit-accel finetune writes and this node "
+                             "maps: convert the LoRA with dit-accel convert, which renames them, and load its folder")
         if sep and rest not in ("A.weight", "B.weight"):  # ComfyUI's LoRA loader would drop it without a word
             raise ValueError(f"dit_accel: {path} has {key}, which ComfyUI's LoRA loader does not apply (it takes "
                              "lora_A and lora_B weights; no LoRA bias or DoRA magnitude): run that LoRA with "
@@ -326,14 +330,21 @@ _ADAPTER_METADATA = "lora_adapter_metadata"
 
 def _adapter_metadata(path: Path) -> dict:
     """The LoRA file's adapter metadata (peft's LoraConfig fields) of the ``transformer`` adapter, without the
-    ``transformer.`` prefix Diffusers writes; ``{}`` when the file has none (a converted folder) or it is not JSON."""
+    ``transformer.`` prefix Diffusers writes; ``{}`` when the file has none (a converted folder). Metadata that is no
+    JSON object, or a ``use_rslora`` that is no true/false, is a BadFileError: read as none, the LoRA ran at scale 1
+    (or without rsLoRA) where it was trained at another, and Diffusers' loader fails on it."""
     try:
         data = json.loads(safetensors_metadata(path).get(_ADAPTER_METADATA) or "{}")
     except ValueError:
-        return {}
+        data = None
     if not isinstance(data, dict):
-        return {}
-    return {key.removeprefix("transformer."): value for key, value in data.items() if key.startswith("transformer.")}
+        raise BadFileError(path, f"its {_ADAPTER_METADATA} is not a JSON object", f"the adapter metadata "
+                           f"(peft's LoraConfig) dit-accel finetune writes, or none; {_REDO}")
+    meta = {key.removeprefix("transformer."): value for key, value in data.items() if key.startswith("transformer.")}
+    if meta.get("use_rslora") is not None and not isinstance(meta["use_rslora"], bool):
+        raise BadFileError(path, f"its adapter metadata gives use_rslora={meta['use_rslora']!r}",
+                           f"true or false; {_REDO}")
+    return meta
 
 
 def _lora_alpha(folder, info: dict):
