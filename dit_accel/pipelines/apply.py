@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -25,7 +26,7 @@ from ..plans.model_config import check_model_config
 from ..plans.sparse_plan import SparsePlan
 from .apply_checks import (BACKENDS, _check_apply_args, _check_bool, _check_int, _check_int_list,  # noqa: F401
                            _check_method, _check_weights, _check_weights_folder, _find_transformers, _heads_of,
-                           _plan_call_check, _projection_dim, _resolve_layers, _runs_sla,
+                           _plan_call_check, _projection_dim, _resolve_layers, _runs_sla, refuse_foreign_adapter,
                            _warn_unknown_strategy_layers, inner_configs)
 from .capture import Capture, check_capture_dir
 from .context import CallGate
@@ -265,7 +266,12 @@ def _build_runtime(targets, pipe, method: Method, options: dict, backend: str, w
                                   type(targets[0][1]).__name__, log)
     per_step = any(hasattr(m, "for_layer_step") for m in (method, *layer_methods.values()))  # e.g. TileStrategy
     needs_step = bool(options["dense_steps"] or options["dense_last_steps"] or capture_steps is not None or per_step)
-    steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe, "scheduler", None), needs_step,
+    # the pipeline by a weak reference (before: a transformer kept after `del pipe` kept its VAE and text encoders)
+    try:
+        pipe = weakref.ref(pipe) if pipe is not None else lambda: None
+    except TypeError:  # (an object without weak references, a SimpleNamespace: held as it is)
+        pipe = (lambda held: lambda: held)(pipe)
+    steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe(), "scheduler", None), needs_step,
                        lambda message: log.warn(f"dit_accel: {message}"), reads_step=capture is not None)
     schedule = _resolve_layers(dict(method=method, **options), max(len(m) for *_, m in targets), capture_layers, log)
     if weights is not None:
@@ -313,6 +319,8 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
     :mod:`.vsa_gates`)."""
     refuse_other_threads(found)
     refuse_inside_with(found)
+    if weights is not None:  # a LoRA of the user's under dit_accel's adapter name (loading would replace it)
+        refuse_foreign_adapter(weights, [t for _, t in found], _applied_handles(found))
     previous = suspend_handles(found)
     gate, handle = CallGate(), None
     try:

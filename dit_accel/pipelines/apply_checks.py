@@ -17,7 +17,7 @@ from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
 from ..kernels.checks import check_flag as _check_bool
 from ..methods import SLA, Method, registered_methods
 from ..plans.sparse_plan import SparsePlan
-from .context import transformers_of
+from .context import TRANSFORMER_ATTRS, transformers_of
 from .presets import check_pipeline
 from .schedule import Schedule
 
@@ -37,6 +37,9 @@ def _check_int(name: str, value, minimum: int = 0) -> int:
 def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
     if value is None:
         return None
+    if isinstance(value, torch.Tensor) and value.dim() <= 1 and not (value.is_floating_point() or value.is_complex()
+                                                                     or value.dtype == torch.bool):
+        value = value.tolist()  # (before: tensor([0, 1]) was "expected a list of non-negative ints")
     if is_int(value):
         value = [value]
     if isinstance(value, (str, bytes, dict)):  # (a str would be its characters, a dict its keys)
@@ -66,6 +69,12 @@ def _check_method(name: str, method) -> Method:
                         f"dit_accel.{method.__name__}(...) (its defaults: dit_accel.{method.__name__}())")
     if not isinstance(method, Method):
         hint = f"dit_accel.method_from_name({method!r})" if isinstance(method, str) else "dit_accel.Tile(...)"
+        if isinstance(method, (str, os.PathLike)) and os.fspath(method).lower().endswith(".json"):  # a plan's file
+            hint = (f"dit_accel.SparsePlan.load({os.fspath(method)!r}) for a calibrated plan, or "
+                    f"dit_accel.Tile.from_strategy({os.fspath(method)!r}) for a FastVideo STA strategy file")
+        if isinstance(method, dict) and isinstance(method.get("method"), str):  # a record: summary()["config"]
+            hint = (f"dit_accel.method_from_name(record.pop('method'), **record) to build the config this "
+                    f"{method['method']!r} record describes")
         # the list comes from the registry, so a method added later is named too
         names = [f"{e.cls.__name__}(...)" for e in registered_methods().values()]
         raise TypeError(f"{name} must be a dit_accel method config (dit_accel.{', '.join(names[:-1])} or "
@@ -89,6 +98,12 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
         # would nest the wrappers, and remove() could not take the inner ones away
         found = [("" if attr == "transformer" else f"{attr}.", module) for attr, module in transformers_of(obj)]
         if not found:
+            empty = [attr for attr in TRANSFORMER_ATTRS if attr in getattr(obj, "__dict__", {}) and
+                     getattr(obj, attr) is None]
+            if empty:  # (before: "needs a Diffusers pipeline ... got WanPipeline", of a Diffusers pipeline)
+                raise ValueError(f"apply() got a {type(obj).__name__} whose {' and '.join(empty)} "
+                                 f"{'are' if len(empty) > 1 else 'is'} None (not loaded): load the transformer "
+                                 f"into the pipeline first (pipe.{empty[0]} = ...), or pass the transformer module")
             raise TypeError(f"apply() needs a Diffusers pipeline with a `transformer` or a transformer module; "
                             f"got {type(obj).__name__}")
     for _, module in found:
@@ -96,6 +111,46 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
             raise ValueError("apply() got a torch.compile'd transformer (OptimizedModule); apply dit_accel to the "
                              "uncompiled module (transformer._orig_mod) instead")
     return found, pipe
+
+
+def refuse_foreign_adapter(folder, transformers, handles) -> None:
+    """ValueError when the weights ``folder`` holds a LoRA and a transformer an adapter of dit_accel's adapter name
+    that none of ``handles`` (AccelHandles) loaded (the user's: ``load_lora_weights(..., adapter_name="dit_accel")``).
+    Loading the folder replaced that adapter and ``remove()`` deleted it: the user's LoRA was gone without a word."""
+    from pathlib import Path
+
+    from ..checkpoints.finetuned import ADAPTER_NAME, LORA_FILE
+
+    if not (Path(folder) / LORA_FILE).is_file():
+        return
+    ours = {id(t) for h in handles for t, names, _ in h._adapters if ADAPTER_NAME in names}
+    for transformer in transformers:
+        if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}) and id(transformer) not in ours:
+            raise ValueError(f"weights={str(folder)!r}: {type(transformer).__name__} already holds a LoRA adapter "
+                             f"named {ADAPTER_NAME!r} that dit_accel did not load; loading the weights folder would "
+                             "replace it and remove() would delete it. Load your LoRA under another adapter name "
+                             f"(pipe.load_lora_weights(..., adapter_name='mine')) or delete it "
+                             f"(pipe.delete_adapters({ADAPTER_NAME!r})), then apply again")
+
+
+def _check_grid(grid) -> Tuple[int, ...]:
+    """``handle.plan``'s token grid as a tuple of positive ints (a tuple, list, torch.Size or numpy array of them)."""
+    items = tuple(grid) if isinstance(grid, (tuple, list)) or type(grid).__module__ == "numpy" else ()
+    if not items or not all(is_int(g) and g >= 1 for g in items):
+        raise ValueError(f"grid={grid!r} is invalid: expected the token grid, a tuple of positive ints such as "
+                         "(T, H, W) for a video or (H, W) for an image")
+    return tuple(int(g) for g in items)
+
+
+def _saved_by_save_pretrained(method_file) -> bool:
+    """Whether ``method_file`` is the method file of a weights folder that save_pretrained wrote while applied."""
+    import json
+
+    try:
+        info = json.loads(method_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or unreadable: nothing of ours to replace
+        return False
+    return isinstance(info, dict) and info.get("saved_by") == "save_pretrained"
 
 
 def _check_vendor_installed(backend: str) -> None:

@@ -3,6 +3,7 @@ the model while applied (``fuse_lora`` refused, ``save_pretrained`` writing the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from pathlib import Path
@@ -11,12 +12,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._util import is_int, run_each
+from .._util import run_each
 from ..kernels.checks import check_flag
 from ..methods import Method
 from ..plans.plan import Plan
-from ..checkpoints.finetuned import load_into
-from .apply_checks import _check_int, _check_method, _check_weights, _check_weights_folder
+from ..checkpoints.finetuned import ADAPTER_NAME, load_into
+from .apply_checks import (_check_grid, _check_int, _check_method, _check_weights, _check_weights_folder,
+                           _saved_by_save_pretrained, refuse_foreign_adapter)
 from .context import CallGate
 from .hooks import Runtime, SparseAttnProcessor, TransformerHook
 from .schedule import Schedule, StepSource
@@ -68,6 +70,8 @@ class AccelHandle:
         self._adapters: List[Tuple[nn.Module, List[str], tuple]] = []
         # fuse_lora(): (layer, adapters, weight before, the adapters merged into it before)
         self._fused: List[Tuple[nn.Module, List[str], torch.Tensor, List[str]]] = []
+        # layers of the user's fused LoRA that activating this handle's adapter unmerged (see _set_adapters)
+        self._unmerged: List[Tuple[nn.Module, torch.Tensor, List[str]]] = []
         self._fuse_guards: List[nn.Module] = []  # transformers whose fuse_lora this handle refuses
         self._save_guards: List[nn.Module] = []  # transformers whose save_pretrained this handle wraps
         self.lora_adapter: Optional[str] = None
@@ -146,6 +150,7 @@ class AccelHandle:
                     "weights up to float rounding, not bit for bit")
             _unload_adapters(transformer, names, state)
             self._adapters.pop(0)
+        _remerge(self._unmerged)
 
     def __enter__(self) -> "AccelHandle":
         # (before: a with block on a removed handle, e.g. the second `with handle:` of one apply(), ran the
@@ -158,9 +163,18 @@ class AccelHandle:
         return self
 
     def __exit__(self, *exc) -> bool:
+        # the outermost block removes it (before: an inner `with handle:` did, and the rest of the outer block ran
+        # the original, dense, model without a word)
         self._blocks = max(0, self._blocks - 1)
-        self.remove()
+        if not self._blocks:
+            self.remove()
         return False
+
+    def __reduce_ex__(self, protocol):  # copy.copy, copy.deepcopy and pickle (before: a copy shared the hooks, and
+        # its remove() left this handle reading as active over a dense model)
+        raise TypeError(f"dit_accel: cannot copy or pickle {self!r}: it is the one record of what apply() installed on "
+                        "a live model. Pass the handle itself around; to save the setting, keep the method config "
+                        "(handle.summary()['config']) and dit_accel.apply() it again")
 
     def bypassed(self):
         """Context manager: inside it, this thread's attention calls run the original processors (dense
@@ -178,6 +192,7 @@ class AccelHandle:
         """
         self._check_active("load_weights()")
         folder = _check_weights(folder, none=False)
+        refuse_foreign_adapter(folder, self.transformers, [self])
         _check_weights_folder(folder, self.schedule, [(layer.name, module, layer.index) for hook in self._hooks
                                                       for module, layer in zip(hook._modules, hook.layers)])
         self._load_checked(folder)
@@ -196,11 +211,12 @@ class AccelHandle:
         self._unfuse()
         # load_into replaces the adapter of dit_accel's name (an earlier load_weights'): kept, to come back on failure
         kept = [_adapter_copy(t) for t in self.transformers]
-        recorded, guarded = list(self._adapters), list(self._fuse_guards)
+        recorded, guarded, unmerged = list(self._adapters), list(self._fuse_guards), len(self._unmerged)
         try:
             with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
                 warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-                load_into(self, folder)
+                with _keeping_merged(self.transformer, (ADAPTER_NAME,), self._unmerged):  # (it loads into this one)
+                    load_into(self, folder)
             for transformer, old, users, state in zip(self.transformers, before, active, states):
                 config = getattr(transformer, "peft_config", None) or {}
                 new = sorted(a for a in config if a not in old or config[a] is not old[a])
@@ -213,7 +229,8 @@ class AccelHandle:
                 if users:
                     # Loading activates only the new adapter; keep the user's active ones on beside it, at the
                     # weights the user gave them (set_adapters makes every weight 1.0), the new one at 1.0.
-                    transformer.set_adapters(users + [a for a in new if a not in users])
+                    with _keeping_merged(transformer, new, self._unmerged):
+                        transformer.set_adapters(users + [a for a in new if a not in users])
                     _restore_scales(transformer, state)
                     self._runtime.warnings.warn(
                         f"weights= loaded LoRA adapter {new} beside the active adapters {users}: both are active "
@@ -225,15 +242,18 @@ class AccelHandle:
             for transformer in self._fuse_guards[len(guarded):]:
                 _drop_fuse_guard(transformer, self)
             self._fuse_guards = guarded
+            _remerge(self._unmerged, unmerged)
             for transformer, old, users, state, copy in zip(self.transformers, before, active, states, kept):
                 config = getattr(transformer, "peft_config", None) or {}
                 new = [a for a in config if a not in old or config[a] is not old[a]]
                 if new or _lora_state(transformer) != state:
                     _unload_adapters(transformer, new, state)
                     if copy is not None:  # (before: lost, so the handle ran without the LoRA it had loaded)
-                        _add_adapter_copy(transformer, copy)
+                        with _keeping_merged(transformer, (ADAPTER_NAME,), self._unmerged):
+                            _add_adapter_copy(transformer, copy)
                     if users:
-                        transformer.set_adapters(users)
+                        with _keeping_merged(transformer, (), self._unmerged):
+                            transformer.set_adapters(users)
                         _restore_scales(transformer, state)
             with torch.no_grad():
                 for name, proj in self.sla_projections().items():
@@ -458,11 +478,7 @@ class AccelHandle:
         ring context parallelism, the plan of its config for the ranks' shares (:meth:`Method.for_shares`)."""
         self._check_active("plan()")
         _check_method("method", method)
-        items = tuple(grid) if isinstance(grid, (tuple, list)) or type(grid).__module__ == "numpy" else ()
-        if not items or not all(is_int(g) and g >= 1 for g in items):
-            raise ValueError(f"grid={grid!r} is invalid: expected the token grid, a tuple of positive ints such as "
-                             "(T, H, W) for a video or (H, W) for an image")
-        items = tuple(int(g) for g in items)
+        items = _check_grid(grid)
         ring = self._ring_degree()
         return self._runtime.plans.get(method if ring == 1 else method.for_shares(items, ring), items)
 
@@ -674,6 +690,8 @@ def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple)
     if not had_lora and not others:
         if getattr(transformer, "peft_config", None) is not None:
             transformer.unload_lora()
+        else:  # the user deleted it (delete_adapters): its emptied peft layers stayed, with base_layer keys
+            _unwrap_empty(transformer, tuned)
         if flag is _ABSENT:
             transformer.__dict__.pop(_PEFT_FLAG, None)
         else:
@@ -681,21 +699,59 @@ def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple)
         return
     present = [a for a in names if a in (getattr(transformer, "peft_config", None) or {})]
     users = [a for a in _active_adapters(transformer) if a not in present]
-    if present:
-        with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
-            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
-            transformer.delete_adapters(present)
+    with _keeping_merged(transformer, (), []):
+        if present:
+            with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+                transformer.delete_adapters(present)
+        _unwrap_empty(transformer, tuned)
+        if users and present:
+            transformer.set_adapters(users)
+    _restore_scales(transformer, now)
+
+
+def _unwrap_empty(transformer: nn.Module, tuned) -> None:
+    """Each peft layer that only dit_accel's LoRA made (not in ``tuned``, the peft layers before it), now without
+    adapters: the plain layer again."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(transformer.named_modules()):
         if isinstance(module, BaseTunerLayer) and name not in tuned and not any(
                 len(getattr(module, attr, None) or ()) for attr in module.adapter_layer_names):
-            # a peft layer that only dit_accel's LoRA made, now empty: the plain layer again
             parent, _, child = name.rpartition(".")
             setattr(transformer.get_submodule(parent) if parent else transformer, child, module.get_base_layer())
-    if users and present:
-        transformer.set_adapters(users)
-    _restore_scales(transformer, now)
+
+
+@contextlib.contextmanager
+def _keeping_merged(transformer: nn.Module, ours: Sequence[str], unmerged: list):
+    """Layers the user fused (``fuse_lora``) stay fused inside (peft's injection and ``set_adapters`` unmerged them all:
+    after remove() their LoRA stayed unfused, and ``unload_lora_weights()`` dropped it); after, one where an adapter of
+    ``ours`` is active, unmerged (peft's forward would skip it), is unmerged, its weight kept for :func:`_remerge`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kept = [(m, list(m.merged_adapters)) for m in transformer.modules()
+            if isinstance(m, BaseTunerLayer) and m.merged_adapters]
+    for module, _ in kept:
+        module.merged_adapters.clear()
+    try:
+        yield
+    finally:
+        for module, merged in kept:
+            module.merged_adapters[:] = merged
+            if any(a in module.active_adapters and a not in merged and any(
+                    a in (getattr(module, n, None) or {}) for n in module.adapter_layer_names) for a in ours):
+                unmerged.append((module, module.get_base_layer().weight.detach().clone(), merged))
+                module.unmerge()
+
+
+def _remerge(unmerged: list, keep: int = 0) -> None:
+    """Undo :func:`_keeping_merged`'s unmerging (after the first ``keep``): weights and merged adapters as they were."""
+    with torch.no_grad():
+        while len(unmerged) > keep:
+            module, weight, merged = unmerged[-1]
+            module.get_base_layer().weight.copy_(weight)
+            module.merged_adapters[:] = merged
+            unmerged.pop()
 
 
 def _base_state(transformer: nn.Module, tuned: Sequence[str]) -> dict:
@@ -711,21 +767,8 @@ def _base_state(transformer: nn.Module, tuned: Sequence[str]) -> dict:
     return base
 
 
-def _saved_by_save_pretrained(method_file: Path) -> bool:
-    """Whether ``method_file`` is the method file of a weights folder that save_pretrained wrote while applied."""
-    import json
-
-    try:
-        info = json.loads(method_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none, or unreadable: nothing of ours to replace
-        return False
-    return isinstance(info, dict) and info.get("saved_by") == "save_pretrained"
-
-
 def _adapter_copy(transformer: nn.Module):
     """``(config, tensors)`` of the transformer's adapter of dit_accel's name (copies), or None without one."""
-    from ..checkpoints.finetuned import ADAPTER_NAME
-
     config = (getattr(transformer, "peft_config", None) or {}).get(ADAPTER_NAME)
     if config is None:
         return None
@@ -738,8 +781,6 @@ def _adapter_copy(transformer: nn.Module):
 def _add_adapter_copy(transformer: nn.Module, copy) -> None:
     """The adapter :func:`_adapter_copy` kept, back in ``transformer`` (its config, its tensors bit for bit)."""
     from peft.utils import set_peft_model_state_dict
-
-    from ..checkpoints.finetuned import ADAPTER_NAME
 
     config, tensors = copy
     transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
