@@ -334,18 +334,27 @@ def _safetensors_keys(folder, path) -> Dict[str, Tuple[int, ...]]:
 
 
 def _warn_unknown_strategy_layers(methods, n_layers: int, model: str, log: WarningLog) -> None:
-    """A strategy file (TileStrategy) naming attention layers the model lacks: those entries never run, which
-    usually means the file was made for another model. Said once, naming the file and the layers."""
+    """A strategy file (TileStrategy) naming attention layers the model lacks (those entries never run), or leaving
+    out layers it has (those run dense at every step; before, without a word): either usually means the file was
+    made for another model. Said once, naming the file and the layers."""
+    def listed(layers) -> str:
+        return ", ".join(map(str, layers[:6])) + (", ..." if len(layers) > 6 else "")
+
     for method in methods:
         table = getattr(method, "_table", None)  # TileStrategy's {(step, layer): windows}, read from its file
-        if not isinstance(table, dict):
+        if not isinstance(table, dict) or not table:
             continue
-        missing = sorted({layer for _, layer in table if layer >= n_layers})
+        named = {layer for _, layer in table}
+        missing, unnamed = sorted(x for x in named if x >= n_layers), sorted(set(range(n_layers)) - named)
+        path = getattr(method, "path", "the strategy file")
         if missing:
-            shown = ", ".join(map(str, missing[:6])) + (", ..." if len(missing) > 6 else "")
-            log.warn(f"dit_accel: {getattr(method, 'path', 'the strategy file')} names attention layers {shown}, "
-                     f"but {model} has {n_layers} (0..{n_layers - 1}): those entries never run. Was the file made "
-                     "for another model? Pass the strategy of this one", stacklevel=5)
+            log.warn(f"dit_accel: {path} names attention layers {listed(missing)}, but {model} has {n_layers} "
+                     f"(0..{n_layers - 1}): those entries never run. Was the file made for another model? Pass the "
+                     "strategy of this one", stacklevel=5)
+        if unnamed:
+            log.warn(f"dit_accel: {path} names no window for attention layer(s) {listed(unnamed)} of {model}'s "
+                     f"{n_layers} at any step: they run dense throughout. Was the file made for another model? Pass "
+                     "the strategy of this one, or name them in it", stacklevel=5)
 
 
 def _heads_of(module: nn.Module) -> Optional[int]:

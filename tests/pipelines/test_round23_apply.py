@@ -251,3 +251,22 @@ def test_a_json_file_passed_as_the_method_says_how_to_read_it(wan, path):
     for given in (path, Path(path)):
         with pytest.raises(TypeError, match=line):
             dit_accel.apply(model, given)
+
+
+def test_a_strategy_file_leaving_out_layers_of_the_model_warns(tmp_path):
+    """A strategy naming layer 0 alone of tiny-wan's 2 ran layer 1 dense at every step, without a word (a strategy
+    made for a smaller model); one naming both layers, at some steps only (its early steps dense), says nothing."""
+    import json
+    import warnings
+
+    path = tmp_path / "strategy.json"
+    path.write_text(json.dumps({f"0_0_{h}": [1, 1, 1] for h in range(2)}))
+    pipe = T.build_tiny_pipeline("tiny-wan")
+    with pytest.warns(dit_accel.DitAccelWarning, match=r"strategy\.json names no window for attention layer\(s\) 1 "
+                                                       r"of WanTransformer3DModel's 2 at any step: they run dense"):
+        dit_accel.apply(pipe, dit_accel.Tile.from_strategy(path, tile=(1, 2, 2))).remove()
+    path.write_text(json.dumps({f"3_{layer}_{h}": [1, 1, 1] for layer in range(2) for h in range(2)}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dit_accel.apply(pipe, dit_accel.Tile.from_strategy(path, tile=(1, 2, 2))).remove()
+    assert not [w for w in caught if "names no window" in str(w.message)]
