@@ -19,7 +19,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "cuda_event", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog", "run_each",
            "use_interpreter_without_cuda", "is_int", "is_number", "is_bool", "format_time", "format_ratio", "positive_int",
-           "int_at_least", "env_set", "existing_ancestor", "file_in_the_way", "file_error", "seed_error"]
+           "int_at_least", "env_set", "existing_ancestor", "file_in_the_way", "file_error", "seed_error",
+           "repeated_error"]
 
 
 def portable_path(path, base) -> str:
@@ -340,6 +341,16 @@ def seed_error(seeds, flag: str = "--seed") -> Optional[str]:
         return f"{flag} must be {'an integer' if flag == '--seed' else 'integers'} >= 0 (and < 2**63); got " \
                f"{', '.join(map(str, bad))}"
     return None
+
+
+def repeated_error(flag: str, values) -> Optional[str]:
+    """Why ``values`` of a comma-separated ``flag`` cannot run (None when they can): one given twice, which ran twice
+    (two rows of one setting, or a budget spent twice)."""
+    values = list(values)
+    twice = next((value for i, value in enumerate(values) if value in values[:i]), None)
+    if twice is None:
+        return None
+    return f"{flag} names {f'{twice:g}' if isinstance(twice, float) else twice} more than once; name each once"
 
 
 def device_error(device, *, allowed: Iterable[str] = ("cpu", "cuda"), flag: str = "--device",

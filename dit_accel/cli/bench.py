@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from .._util import repeated_error
 from ..atomic_files import atomic_write_json
 from .options import HelpFormatter, plain
 
@@ -233,14 +234,6 @@ def _command_line(args) -> str:
     return " ".join(parts)
 
 
-def _repeated(flag: str, values) -> "str | None":
-    """Why ``values`` of ``flag`` cannot run: one given twice (it ran twice, two rows of one setting); else None."""
-    twice = next((value for i, value in enumerate(values) if value in values[:i]), None)
-    if twice is None:
-        return None
-    return f"{flag} names {f'{twice:g}' if isinstance(twice, float) else twice} more than once; name each once"
-
-
 def run(args) -> int:
     if args.bench_kind == "layouts":
         return _run_layouts(args)
@@ -277,7 +270,7 @@ def _run_gpu(args, **overrides) -> int:
     methods = [_gpu_method_name(m) for m in (args.methods or ",".join(gpu.STANDARD_METHODS)).split(",") if m.strip()]
     if not methods or set(methods) - set(gpu.STANDARD_METHODS):
         return fail(f"--methods takes {', '.join(gpu.STANDARD_METHODS)} (any case; sta = tile); got {args.methods!r}")
-    problem = _repeated("--densities", densities) or _repeated("--methods", methods)
+    problem = repeated_error("--densities", densities) or repeated_error("--methods", methods)
     if problem:  # (each ran twice, out of the one --budget)
         return fail(problem)
     budget = gpu.BUDGET_S if args.budget is None else args.budget
@@ -377,7 +370,7 @@ def _run_kernels(args) -> int:
             threads = []
         if not threads or min(threads) < 1:
             return fail(f"--threads must be comma-separated counts >= 1 such as 1,2; got {args.threads!r}")
-    problem = _repeated("--densities", densities) or _repeated("--threads", threads or [])
+    problem = repeated_error("--densities", densities) or repeated_error("--threads", threads or [])
     if problem:
         return fail(problem)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick and not cuda else None)
@@ -427,8 +420,8 @@ def _run_modelled(args, fail) -> int:
             cost.constants(args.arch, kernel)
     except ValueError as exc:
         return fail(str(exc))
-    if _repeated("--kernels", kernels or []):
-        return fail(_repeated("--kernels", kernels))
+    if problem := repeated_error("--kernels", kernels or []):
+        return fail(problem)
     shapes = list(bench.GPU_SHAPES)
     if args.shapes is not None:
         if problem := _shapes_error(args.shapes, shapes, "GPU"):
@@ -437,7 +430,7 @@ def _run_modelled(args, fail) -> int:
     densities = _floats(args.densities) if args.densities else list(bench.DENSITIES)
     if not densities or any(not 0 < d <= 1 for d in densities):
         return fail(f"--densities must be comma-separated numbers in (0, 1]; got {args.densities!r}")
-    if problem := _repeated("--densities", densities):
+    if problem := repeated_error("--densities", densities):
         return fail(problem)
     tile = None
     if args.tile:
@@ -549,7 +542,7 @@ def _run_sass(args) -> int:
         bad = [v for v in values if not ok(v)]
         if bad or (flag in ("--arch", "--family") and not values):
             return refuse(f"{flag} takes {expected}; got {bad or 'nothing'}")
-        if problem := _repeated(flag, values):  # (--arch 90,90 compiled and printed every row twice)
+        if problem := repeated_error(flag, values):  # (--arch 90,90 compiled and printed every row twice)
             return refuse(problem)
     if args.workers < 1:
         return refuse(f"--workers must be >= 1; got {args.workers}")

@@ -38,6 +38,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from .._util import repeated_error
 from ..kernels import BlockLayout, block_sparse_attention
 from ..kernels.geometry import block_figures
 from .report import percent_down
@@ -174,10 +175,9 @@ def _argument_error(args) -> str:
     threads = [t.strip() for t in args.threads.split(",")]
     if not all(t.isdigit() and int(t) >= 1 for t in threads):
         return f"--threads must be comma-separated counts >= 1 such as 1,2; got {args.threads!r}"
-    for flag, values in (("--threads", [int(t) for t in threads]), ("--patterns", args.patterns.split(","))):
-        twice = next((value for i, value in enumerate(values) if value in values[:i]), None)
-        if twice is not None:  # (before: timed twice, as two rows of one setting)
-            return f"{flag} names {twice} more than once; name each once"
+    twice = repeated_error("--threads", map(int, threads)) or repeated_error("--patterns", args.patterns.split(","))
+    if twice:  # (before: timed twice, as two rows of one setting)
+        return twice
     if not (math.isfinite(args.density) and 0 < args.density <= 1):
         return f"--density must be a fraction in (0, 1] such as 0.1; got {args.density}"
     for name in args.patterns.split(","):
