@@ -289,9 +289,11 @@ def _check_search(args) -> None:
 def check_args(args) -> dict:
     """Every argument and input file checked before any model loads; returns what was read (prompts, device, dtype).
     Raises :class:`_UsageError` (one line naming the argument or file and what is allowed)."""
+    from ..calibrate.report import under_home
+
     for name in ("prompts", "out", "report_dir", "capture"):  # --out=~/plan.json: as the shell would (and save does)
-        if isinstance(getattr(args, name, None), str) and getattr(args, name).startswith("~"):
-            setattr(args, name, os.path.expanduser(getattr(args, name)))
+        if hasattr(args, name):
+            setattr(args, name, under_home(getattr(args, name)))
     _check_budget(args)
     _check_search(args)
     _check_model(args)
