@@ -140,10 +140,14 @@ class Band:
     def dense(self) -> torch.Tensor:
         return relation_1d(self.extent, self.kernel, self.stride, self.dilation, self.causal)
 
-    def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def spans(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per query coordinate, its key window ``[start, end)`` in group-inner indices (:func:`_spans`)."""
+        return _spans(self.extent, self.kernel, self.stride, self.dilation, self.causal)
+
+    def allowed(self, rows: torch.Tensor, cols: torch.Tensor, spans=None) -> torch.Tensor:
         """Whether query coordinate ``rows[..., i, None]`` may see key coordinate ``cols[..., None, j]`` (keys past
-        the extent never; rows must lie inside it)."""
-        start, end = _spans(self.extent, self.kernel, self.stride, self.dilation, self.causal)
+        the extent never; rows must lie inside it). ``spans``: :meth:`spans`, where the caller has them."""
+        start, end = self.spans() if spans is None else spans
         d, r, c = self.dilation, rows[..., :, None], cols[..., None, :]
         inner = torch.div(c, d, rounding_mode="floor")
         return (c < self.extent) & (c % d == r % d) & (start[r] <= inner) & (inner < end[r])
@@ -157,7 +161,7 @@ class Band:
 
     def density(self) -> float:
         """The relation's allowed fraction (``relation.float().mean()``)."""
-        start, end = _spans(self.extent, self.kernel, self.stride, self.dilation, self.causal)
+        start, end = self.spans()
         size = torch.tensor([len(range(r, self.extent, self.dilation)) for r in range(self.dilation)])
         group = size[torch.arange(self.extent) % self.dilation]
         return float((torch.minimum(end, group) - start.clamp(min=0)).clamp(min=0).sum()) / self.extent ** 2
@@ -167,7 +171,7 @@ class Band:
         bk], cls [padded // bq, padded // bk])``, the distinct sub-masks of interval pairs (sorted as
         ``torch.unique`` sorts them) and each pair's class; only pairs the band meets are built."""
         n_q, n_k, d = padded // bq, padded // bk, self.dilation
-        start, end = _spans(self.extent, self.kernel, self.stride, d, self.causal)
+        start, end = spans = self.spans()
         rows = torch.clamp(torch.arange(padded), max=self.extent - 1).view(n_q, bq)  # padded rows: the last real one
         first, last = rows % d + d * start[rows], rows % d + d * (end[rows] - 1)  # each query's key coordinate span
         lo = torch.clamp(torch.div(first.min(1).values, bk, rounding_mode="floor"), 0, n_k - 1)
@@ -175,7 +179,7 @@ class Band:
         counts = (hi - lo + 1).clamp(min=0)
         qi = torch.repeat_interleave(torch.arange(n_q), counts)
         kj = lo[qi] + torch.arange(qi.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-        subs = self.allowed(rows[qi], kj[:, None] * bk + torch.arange(bk)).reshape(-1, bq * bk)
+        subs = self.allowed(rows[qi], kj[:, None] * bk + torch.arange(bk), spans).reshape(-1, bq * bk)
         outside = qi.numel() < n_q * n_k  # pairs the band misses: the all-False sub-mask
         if outside:
             subs = torch.cat([subs, torch.zeros(1, bq * bk, dtype=torch.bool)])
