@@ -6,27 +6,33 @@ as its ModelLoadError."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
-__all__ = ["json_problem", "damaged_component", "mistyped"]
+__all__ = ["json_object", "json_problem", "damaged_component", "mistyped"]
 
 _LARGEST = 64 << 20  # (a tokenizer.json is a few MB; past this a file is not read to explain a failure)
 
 
-def json_problem(file: Path) -> Optional[str]:
-    """What is wrong with ``file`` as a JSON object (``"is empty"``, ``"is not valid JSON (...)"``, ``"holds a JSON
-    list"``); None where it is one, or is not there to read."""
+def json_object(file: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """``(object, None)`` of ``file`` read as a JSON object; ``(None, what is wrong)`` (``"is empty (0 bytes)"``,
+    ``"is not valid JSON (...)"``, ``"holds a JSON list"``) for a damaged one; ``(None, None)`` where it is not there
+    to read (or too large to read for an explanation)."""
     from ..atomic_files import BadFileError, read_json
 
     try:
         if not file.is_file() or file.stat().st_size > _LARGEST:
-            return None
-        read_json(file, finite=False)
+            return None, None
+        return read_json(file, finite=False), None
     except BadFileError as err:
-        return "is empty (0 bytes)" if err.problem == "is empty" and not file.stat().st_size else err.problem
+        return None, "is empty (0 bytes)" if err.problem == "is empty" and not file.stat().st_size else err.problem
     except OSError:
-        return None
-    return None
+        return None, None
+
+
+def json_problem(file: Path) -> Optional[str]:
+    """What is wrong with ``file`` as a JSON object (:func:`json_object`'s); None where it is one, or is not there to
+    read."""
+    return json_object(file)[1]
 
 
 def damaged_component(folder: Path, name: str) -> Optional[str]:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .._util import near_hub_id
-from .folder_files import damaged_component, json_problem, mistyped
+from .folder_files import damaged_component, json_object, mistyped
 from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, as_dtype, build_tiny_pipeline
 from .tiny_shapes import TRAINED_MODELS
 
@@ -642,8 +642,9 @@ def _check_index(folder: Path, named: bool = True) -> None:
     must be string"), or that names no transformer while its pipeline class takes one."""
     import json
 
-    problem = json_problem(folder / "model_index.json")  # (before, for no JSON: Diffusers' line, without what to do)
-    index = {} if problem else json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig"))
+    index, problem = json_object(folder / "model_index.json")  # (before, for no JSON: Diffusers' line, not what to do)
+    if index is None:  # (read once: a damaged one is {} here; one too large to explain, or unreadable, as it reads)
+        index = {} if problem else json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig"))
     name = index.get("_class_name")
     if problem or named and (not isinstance(name, str) or not name):
         found = problem or ("holds no _class_name" if not name
