@@ -268,11 +268,11 @@ def _build_runtime(targets, pipe, method: Method, options: dict, backend: str, w
     needs_step = bool(options["dense_steps"] or options["dense_last_steps"] or capture_steps is not None or per_step)
     # the pipeline by a weak reference (before: a transformer kept after `del pipe` kept its VAE and text encoders)
     try:
-        pipe = weakref.ref(pipe) if pipe is not None else lambda: None
+        pipe_ref = weakref.ref(pipe) if pipe is not None else lambda: None
     except TypeError:  # (an object without weak references, a SimpleNamespace: held as it is)
-        pipe = (lambda held: lambda: held)(pipe)
-    steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe(), "scheduler", None), needs_step,
-                       lambda message: log.warn(f"dit_accel: {message}"), reads_step=capture is not None)
+        pipe_ref = (lambda held: lambda: held)(pipe)
+    steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe_ref(), "scheduler", None),
+                       needs_step, lambda message: log.warn(f"dit_accel: {message}"), reads_step=capture is not None)
     schedule = _resolve_layers(dict(method=method, **options), max(len(m) for *_, m in targets), capture_layers, log)
     if weights is not None:
         _check_weights_folder(weights, schedule, [(name, module, i) for *_, modules in targets
