@@ -168,15 +168,22 @@ def available_memory() -> Optional[int]:
     return None
 
 
+def check_room(need: int, what: str, advice: str) -> None:
+    """MemoryError before ``need`` bytes this machine cannot hold (the allocation would succeed and the system's
+    out-of-memory killer then end the process without a word): ``what`` materialises them, ``advice`` says what to
+    do instead."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise MemoryError(f"{what} ({need / 2**30:.1f} GiB while it is built) and this machine has "
+                          f"{free / 2**30:.1f} GiB available: {advice}")
+
+
 def check_mask_memory(what: str, grid: Tuple[int, ...], layout: str, *, heads: int = 1, copies: int = 1) -> None:
-    """MemoryError before a token mask of ``heads`` x ``N x N`` bools (``copies`` of it alive at once while it is
-    built) that this machine cannot hold: the allocation succeeded and the system's out-of-memory killer then
-    ended the process without a word (``tile_mask((30, 48, 80), ...)``, its docstring's grid, is 13 GiB)."""
+    """:func:`check_room` for a token mask of ``heads`` x ``N x N`` bools (``copies`` of it alive at once while it
+    is built): ``tile_mask((30, 48, 80), ...)``, its docstring's grid, is 13 GiB."""
     n = math.prod(grid)
     # (+ each dimension's L x L relation, built through int64 index and bool temporaries: a 1-D grid's is N x N)
-    need, free = n * n * heads * copies + 40 * sum(extent * extent for extent in grid), available_memory()
-    if free is not None and need > free:
-        raise MemoryError(f"{what} on grid {tuple(grid)} materialises {heads} x {n} x {n} bools ({need / 2**30:.1f} "
-                          f"GiB while it is built) and this machine has {free / 2**30:.1f} GiB available: masks are "
-                          f"for inspection at small grids; use {layout} (the block layout, built without N x N) or a "
-                          "smaller grid")
+    need = n * n * heads * copies + 40 * sum(extent * extent for extent in grid)
+    check_room(need, f"{what} on grid {tuple(grid)} materialises {heads} x {n} x {n} bools",
+               f"masks are for inspection at small grids; use {layout} (the block layout, built without N x N) or a "
+               "smaller grid")

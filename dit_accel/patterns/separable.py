@@ -87,13 +87,10 @@ def _check_room(what: str, extent: int, copies: int) -> None:
     """MemoryError before ``copies`` x ``extent x extent`` bools this machine cannot hold (the out-of-memory killer
     ended the process without a word), with what to do instead."""
     need = copies * extent * extent
-    if need < 1 << 28:  # (a quarter GiB: not worth a read of /proc/meminfo on every small relation)
-        return
-    free = checks.available_memory()
-    if free is not None and need > free:
-        raise MemoryError(f"{what} materialises {extent} x {extent} bools ({need / 2**30:.1f} GiB while it is built) "
-                          f"and this machine has {free / 2**30:.1f} GiB available: build block layouts from the rule "
-                          "(gna_layout, Band), which never materialises it, or use a shorter grid")
+    if need >= 1 << 28:  # (under a quarter GiB: not worth a read of /proc/meminfo on every small relation)
+        checks.check_room(need, f"{what} materialises {extent} x {extent} bools",
+                          "build block layouts from the rule (gna_layout, Band), which never materialises it, or use "
+                          "a shorter grid")
 
 
 def relation_1d(extent: int, kernel: int, stride: int = 1, dilation: int = 1, causal: bool = False) -> torch.Tensor:
