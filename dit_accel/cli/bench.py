@@ -378,9 +378,22 @@ def _run_kernels(args) -> int:
     if not cuda:
         print("NOTE: CPU run - reduced shapes, the PyTorch backend and compiled FlexAttention (Triton kernels need "
               "a GPU); numbers are not comparable with GPU numbers.")
-    result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup, repeats=repeats,
-                                 backends=backends, sla=not args.no_sla, vsa=not args.no_vsa, threads=threads,
-                                 flex_compiled=False if args.no_flex_compiled else None)
+    saved = []  # (each shape's rows as they finish: a run stopped part-way kept nothing, as it wrote once at the end)
+
+    def save(partial: dict) -> None:
+        atomic_write_json(args.out, partial)
+        saved.append(len(partial["rows"]))
+
+    try:
+        result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup,
+                                     repeats=repeats, backends=backends, sla=not args.no_sla, vsa=not args.no_vsa,
+                                     threads=threads, flex_compiled=False if args.no_flex_compiled else None,
+                                     on_progress=save if args.out else None)
+    except KeyboardInterrupt:
+        kept = f"; {args.out} holds the {saved[-1]} row{'s' * (saved[-1] != 1)} timed so far" if saved else ""
+        print(f'dit-accel bench kernels: interrupted{kept}' + (' ("complete": false)' if saved else ""),
+              file=sys.stderr)
+        return 130
     result["command"] = _command_line(args)
     print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "
           f"{result['date']}, load average {result['load_average']} -> {result['load_average_end']}; "

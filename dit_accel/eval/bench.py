@@ -132,8 +132,8 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
                   dtype: Optional[torch.dtype] = None, warmup: Optional[int] = None, repeats: Optional[int] = None,
                   backends: Optional[Sequence[str]] = None, sla: bool = True, flex_compiled: Optional[bool] = None,
                   threads: Optional[Sequence[int]] = None, log=print, progress: bool = True,
-                  call_timer=None, vsa: bool = True) -> dict:
-    """Time dense and sparse attention kernels; returns a JSON-ready dict (``rows`` list).
+                  call_timer=None, vsa: bool = True, on_progress=None) -> dict:
+    """Time dense and sparse attention kernels; returns a JSON-ready dict (``rows`` list, ``complete`` True).
 
     For every shape and target density the contenders run interleaved: each round times every
     contender once, in an order that rotates between rounds (load from other processes hits all
@@ -157,6 +157,8 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
             the current count); each row records its count.
         call_timer: the :class:`~dit_accel.eval.timing.CallTimer` of the per-contender call timings
             (default: CUDA events on CUDA, none on CPU; tests pass a fake one).
+        on_progress: called with the result so far (``complete`` False) after each shape, so that a run stopped
+            part-way keeps what it timed (``bench kernels --out`` writes it).
 
     The dense contenders are :func:`dit_accel.kernels.dense.dense_contenders`: SDPA, the
     in-repo dense Triton kernel (CUDA) and flash-attn (when installed).
@@ -194,6 +196,16 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
     bar = tqdm(total=len(threads) * len(shapes) * len(densities), desc="bench kernels", unit="case",
                disable=not progress)
     load_start = load_average()
+
+    def result(complete: bool) -> dict:
+        return {"kind": "kernels", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
+                "reduced_sizes": not cuda, "load_average": load_start, "load_average_end": load_average(),
+                "warmup": warmup, "repeats": repeats, "backends": list(backends), "flex_compiled": flex_compiled,
+                "threads": None if cuda else threads, "timing": "interleaved rounds, median of per-round ratios",
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "versions": versions(("torch", "triton")), "notes": list(notes), "complete": complete,
+                "rows": list(rows)}
+
     try:
         for count in threads:
             if not cuda:
@@ -202,15 +214,12 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
                 bar.set_postfix_str(f"{shape.name}, {count} threads" if not cuda else shape.name)
                 rows += _bench_shape(shape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled,
                                      notes, bar, None if cuda else count, call_timer, vsa=vsa)
+                if on_progress is not None:
+                    on_progress(result(False))
     finally:
         torch.set_num_threads(before)
         bar.close()
-    return {"kind": "kernels", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
-            "reduced_sizes": not cuda, "load_average": load_start, "load_average_end": load_average(),
-            "warmup": warmup, "repeats": repeats, "backends": list(backends), "flex_compiled": flex_compiled,
-            "threads": None if cuda else threads, "timing": "interleaved rounds, median of per-round ratios",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "versions": versions(("torch", "triton")), "notes": notes, "rows": rows}
+    return result(True)
 
 
 def _shape_row(shape: ModelShape, threads, kernel: str, times: List[float], base: List[float], density: float,
