@@ -378,21 +378,10 @@ def _run_kernels(args) -> int:
     if not cuda:
         print("NOTE: CPU run - reduced shapes, the PyTorch backend and compiled FlexAttention (Triton kernels need "
               "a GPU); numbers are not comparable with GPU numbers.")
-    saved = []  # (each shape's rows as they finish: a run stopped part-way kept nothing, as it wrote once at the end)
-
-    def save(partial: dict) -> None:
-        atomic_write_json(args.out, partial)
-        saved.append(len(partial["rows"]))
-
-    try:
-        result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup,
-                                     repeats=repeats, backends=backends, sla=not args.no_sla, vsa=not args.no_vsa,
-                                     threads=threads, flex_compiled=False if args.no_flex_compiled else None,
-                                     on_progress=save if args.out else None)
-    except KeyboardInterrupt:
-        kept = f"; {args.out} holds the {saved[-1]} row{'s' * (saved[-1] != 1)} timed so far" if saved else ""
-        print(f'dit-accel bench kernels: interrupted{kept}' + (' ("complete": false)' if saved else ""),
-              file=sys.stderr)
+    result = _time_kernels(args, bench, shapes, densities, device=device, dtype=dtype, warmup=args.warmup,
+                           repeats=repeats, backends=backends, sla=not args.no_sla, vsa=not args.no_vsa,
+                           threads=threads, flex_compiled=False if args.no_flex_compiled else None)
+    if result is None:
         return 130
     result["command"] = _command_line(args)
     print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "
@@ -408,6 +397,24 @@ def _run_kernels(args) -> int:
         bench.plot_kernels(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _time_kernels(args, bench, shapes, densities, **kwargs) -> "dict | None":
+    """:func:`~dit_accel.eval.bench.bench_kernels` writing ``--out`` after each shape (``"complete": false`` until
+    the end: a run stopped part-way kept nothing, as it wrote once at the end); None when interrupted."""
+    saved = []
+
+    def save(partial: dict) -> None:
+        atomic_write_json(args.out, partial)
+        saved.append(len(partial["rows"]))
+
+    try:
+        return bench.bench_kernels(shapes, densities, on_progress=save if args.out else None, **kwargs)
+    except KeyboardInterrupt:
+        kept = f"; {args.out} holds the {saved[-1]} row{'s' * (saved[-1] != 1)} timed so far" if saved else ""
+        print(f'dit-accel bench kernels: interrupted{kept}' + (' ("complete": false)' if saved else ""),
+              file=sys.stderr)
+        return None
 
 
 def _run_modelled(args, fail) -> int:
