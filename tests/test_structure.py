@@ -182,3 +182,18 @@ def test_no_file_is_longer_than_800_lines():
     offenders = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
                  if (n := len(p.read_text().splitlines())) > 800}
     assert not offenders, offenders
+
+
+def test_every_file_compiles_without_a_warning():
+    """An invalid escape sequence in a docstring (``Band`\\ s``) is a SyntaxWarning on Python 3.12+, printed to the
+    user at the first import of the module (no cached bytecode: a fresh install, a read-only site-packages)."""
+    import warnings
+
+    root = PACKAGE.parent
+    found = []
+    for path in [*PACKAGE.rglob("*.py"), *(root / "docs" / "scripts").glob("*.py"), *(root / "tests").rglob("*.py")]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compile(path.read_text(), str(path), "exec")
+        found += [f"{path.relative_to(root)}:{w.lineno}: {w.message}" for w in caught]
+    assert not found, found

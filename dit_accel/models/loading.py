@@ -409,7 +409,7 @@ def _size_message(what: str, multiple: int, sizes) -> Optional[str]:
 def size_error(pipe, call: dict) -> Optional[str]:
     """Why the pipeline call ``call`` (``height``, ``width``) has a size ``pipe`` refuses, naming --height/--width
     and the nearest sizes it takes; None where it takes them or rounds them itself. The pipeline's own message
-    (\`height\` and \`width\` have to be divisible by 16) names no flag."""
+    ("`height` and `width` have to be divisible by 16") names no flag."""
     multiple = _size_multiple(pipe)
     if multiple is None:
         return None

@@ -313,7 +313,7 @@ PARTIAL_BLOCK_COST = 1.3
 def least_work_tile(grid: Tuple[int, ...], relations: Sequence[torch.Tensor], block: int = 64,
                     partial_cost: float = PARTIAL_BLOCK_COST) -> Tuple[int, ...]:
     """The tile of ``block`` tokens under which the separable pattern ``kron(relations)`` costs least
-    (``relations``: ``[L, L]`` bool tensors or :class:`~dit_accel.patterns.separable.Band`\ s).
+    (``relations``: ``[L, L]`` bool tensors or :class:`~dit_accel.patterns.separable.Band` objects).
 
     With one block per tile, block ``(a, b)`` is visited iff every dimension's tile pair holds a
     related token pair, and needs no element mask iff every dimension's tile pair is fully

@@ -668,7 +668,7 @@ class LayoutPlan(Plan):
 
 def separable_plan(method, grid, relations, tile, what: str, attach=None):
     """Dense when the window covers the grid, else a tiled-order block layout of the relations (tensors or
-    :class:`~dit_accel.patterns.separable.Band`\ s; ``attach(layout, perm)`` then records what a vendor kernel needs
+    :class:`~dit_accel.patterns.separable.Band` objects; ``attach(layout, perm)`` then records what a vendor kernel needs
     to know of the pattern, e.g. NATTEN's window)."""
     from ..patterns.permutation import permutation_for
     from ..patterns.separable import covers_grid, relation_density, separable_layout
