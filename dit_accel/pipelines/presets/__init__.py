@@ -562,7 +562,7 @@ def unknown_version(model, families=None) -> str:
     :func:`resolve_model_family` refuse with it). ``families``: the published families (default: every preset's)."""
     if families is None:
         families = {p.family for preset in PRESETS.values() for p in preset.published}
-    if not isinstance(model, str) or not re.fullmatch(r"\s*[A-Za-z][A-Za-z-]*?[\s_-]*v?\d+(?:[._]\d+)*\s*", model):
+    if not isinstance(model, str) or not _NAME_AND_VERSION.fullmatch(model):
         return ""
     if Path(model).expanduser().exists():
         return ""
@@ -577,24 +577,52 @@ def unknown_version(model, families=None) -> str:
             "`dit-accel info` without --model lists the supported transformer classes")
 
 
+#: Model lines whose versions dit_accel knows by class, not by a published family, and whose first class's hub word
+#: matches any version: ``(name pattern, name, newest version)``. A newer version (FLUX.4, LTX-3, HunyuanVideo 2)
+#: read as the first class without a word.
+_CLASS_LINES = ((r"flux", "FLUX", (3,)), (r"ltx", "LTX", (2,)), (r"hunyuan[\s._-]*video", "HunyuanVideo", (1, 5)))
+#: A ``--model`` that is only a name and a version ("Wan 2.3", "FLUX 4"): refused, where a hub id is warned of.
+_NAME_AND_VERSION = re.compile(r"\s*[A-Za-z][A-Za-z_-]*?[\s._-]*v?\d+(?:[._]\d+)*\s*")
+
+
+def _newer_versions(text: str) -> list:
+    """``(words, line, newest)`` for each of :data:`_CLASS_LINES` named in ``text`` with a version past its newest."""
+    out = []
+    for pattern, line, newest in _CLASS_LINES:
+        for hit in re.finditer(rf"(?<![a-z]){pattern}[\s._-]*v?(\d+(?:[._]\d+)*)(?!\d)", text.lower()):
+            if tuple(int(part) for part in re.split(r"[._]", hit.group(1))) > newest:
+                out.append((hit.group(0), line, ".".join(map(str, newest))))
+    return out
+
+
 def _check_version(model: str, class_name: str, family: Optional[str]) -> None:
     """:func:`_hub_word_match`'s check of a version in ``model``: ValueError for a bare family name and version
     dit_accel has no family of, a DitAccelWarning naming the guess for a hub id that names one."""
     preset = PRESETS[class_name]
     families = list(dict.fromkeys([p.family for p in preset.published] + [f for _, f in preset.hub_words if f]))
     unknown = _unknown_versions(model, families)
-    if not unknown:
-        return
-    problem = unknown_version(model, families)
-    if problem:
-        raise ValueError(problem)
+    if unknown:
+        problem = unknown_version(model, families)
+        if problem:
+            raise ValueError(problem)
+        words, same = unknown[0]
+        known = f"it knows {', '.join(same)}"
+    else:
+        newer = _newer_versions(model)
+        if not newer:
+            return
+        words, line, newest = newer[0]
+        known = f"the newest {line} it knows is {line} {newest}"
+        if _NAME_AND_VERSION.fullmatch(model) and not Path(model).expanduser().exists():
+            raise ValueError(f"{model!r} is no model dit_accel knows ({known}): pass a transformer class, a "
+                             "Diffusers folder or a hub id; `dit-accel info` without --model lists the supported "
+                             "transformer classes")
     import warnings
 
     from ..._util import DitAccelWarning
 
-    words, same = unknown[0]
     guess = f"{class_name} ({family})" if family else class_name
-    warnings.warn(f"{model!r} names {words!r}, a version dit_accel has no family of (it knows {', '.join(same)}): "
+    warnings.warn(f"{model!r} names {words!r}, a version dit_accel has no family of ({known}): "
                   f"read as {guess} by its name, a guess" + (f", so settings chosen by family are {family}'s" if family
                                                                else "") + "; check them "
                   f"against the model card, or download the model (`huggingface-cli download {model}`) so that "
