@@ -158,3 +158,17 @@ def encoded_repeat(pipe, prompts: Sequence[str], call_kwargs: dict) -> Optional[
                     "--max-sequence-length")
         seen[tuple(key)] = prompt
     return None
+
+
+def call_as_run(call_kwargs: dict, videos: Sequence[np.ndarray], log: Optional[Callable[[str], object]] = None) -> dict:
+    """``call_kwargs`` with the frame count the pipeline made (``videos``' ``[F, H, W, 3]``) where it differs from the
+    asked one: Diffusers' Wan pipelines round ``num_frames`` to ``4k+1`` (``--frames 2`` runs 1 frame), as generate
+    lets them. Before, a plan's ``provenance.call`` claimed the asked count, which never ran."""
+    asked = call_kwargs.get("num_frames")
+    ran = int(np.shape(videos[0])[0]) if videos and np.ndim(videos[0]) == 4 else None
+    if asked is None or ran is None or ran == asked or abs(ran - asked) >= 8:  # (past a VAE's rounding: a pipeline
+        return call_kwargs  # whose output is not num_frames frames, a FramePack's sections: its own count stays)
+    if log is not None:
+        log(f"note: --frames {asked}: the pipeline made {ran} frames (it rounds the count to one its VAE takes); "
+            f"the plan records {ran}, pass --frames {ran} to run at its size")
+    return {**call_kwargs, "num_frames": ran}

@@ -12,7 +12,8 @@ from ..eval.report import markdown_table
 from ..plans.sparse_plan import SparsePlan, write_atomic
 from .search import COST_TIE
 
-__all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png", "check_outputs"]
+__all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png", "check_outputs",
+           "another_report"]
 
 
 def _weights(values) -> str:
@@ -304,6 +305,12 @@ def check_outputs(out, report_dir=None, capture_dir=None) -> None:
         raise ValueError(f"out={str(out)!r} and report_dir={str(report_dir)!r} overlap: the plan and the report "
                          f"files ({', '.join(OUTPUT_FILES)}) would be written to one path. Put the plan beside the "
                          "report folder, e.g. out=plan.json, report_dir=plan_report")
+    foreign = another_report(out, report_dir)
+    if foreign:  # (before: replaced silently; the other plan then had no report, or this one's)
+        flag = f"the report folder {str(report_dir)!r} (beside the plan)" if default else \
+            f"--report-dir {str(report_dir)!r} (report_dir=)"
+        raise ValueError(f"{flag} already holds {foreign}: this run would replace it. Pass another --report-dir, "
+                         f"e.g. {out.with_name(out.stem + '_report')}, or delete those files to replace them")
     if capture_dir is not None:
         # The dense run makes the capture folder: at the plan's path (or a report file's) the calibration ran to
         # its end and then failed to write there (IsADirectoryError), the whole run lost.
@@ -315,6 +322,29 @@ def check_outputs(out, report_dir=None, capture_dir=None) -> None:
                                  "captures would make a folder where that file is "
                                  "written at the end of the run. Pass a capture folder beside the plan, e.g. "
                                  f"{plan.parent / 'qkv'}")
+
+
+def another_report(out, folder) -> str:
+    """What in ``folder`` is a report of another output than the plan ``out`` ("" when nothing is): report files
+    beside no calibration.json (``dit-accel eval``'s, say), or a calibration.json of a plan at another path whose
+    content ``out`` does not hold. A rerun with the same ``--out`` replaces its own report, as it replaces the plan."""
+    folder = Path(folder)
+    held = [name for name in (*OUTPUT_FILES, "results.json") if (folder / name).is_file()]
+    if not held:
+        return ""
+    try:
+        record = json.loads((folder / "calibration.json").read_text(encoding="utf-8"))
+        owner = Path(str(record["plan_path"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return f"{', '.join(held)} of another run (not a calibration of {out})"
+    if owner.absolute() == Path(out).absolute():
+        return ""
+    try:
+        if SparsePlan.load(out).content_hash() == record.get("plan_sha256"):
+            return ""  # (the same plan, its folder moved or the run started from another working folder)
+    except (OSError, ValueError):
+        pass
+    return f"the report of another plan, {owner} ({', '.join(held)})"
 
 
 def recover_outputs(out, report_dir) -> None:

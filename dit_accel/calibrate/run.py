@@ -22,7 +22,7 @@ from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_c
                      groundtruth_scores, passes_budget, search_budget, warmup_search)
 from .candidates import sparse_candidates
 from .costs import CostModel, MeasuredCostModel
-from .generation import check_steps_run, encoded_repeat, generate_videos, takes_one_prompt
+from .generation import call_as_run, check_steps_run, encoded_repeat, generate_videos, takes_one_prompt
 from .generation import step_timesteps as _step_timesteps
 from .probes import probe_layer_weights, probe_step_weights
 from .replay import DenseReplay, PassCounter, dense_prefix, pipeline_transformers
@@ -760,7 +760,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             head_dim=dense.head_dim,  # (what info --plan and generate price the plan's shares with, as calibrate did)
             model_config=model_config(dense.transformer),
             prompts_sha256=prompts_hash(settings.prompts), seeds=_search_seeds(jobs), budget=budget,
-            objective=objective, steps=settings.steps, timesteps=dense.timesteps, call=call_kwargs,
+            objective=objective, steps=settings.steps, timesteps=dense.timesteps,
+            call=call_as_run(call_kwargs, dense.videos, log),
             candidates=[c.label for c in candidates], cost_model=space.costs.describe(),
             quality=_quality_record(best, len(jobs), validation, assignment, calls_per_step,
                                     f"timed on {settings.device}" if settings.costs == "measured" else "modelled"))

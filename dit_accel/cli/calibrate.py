@@ -447,8 +447,9 @@ def _run(args) -> int:
     # --costs measured prices candidates by timing them here: those times are measured, not modelled
     priced = f"timed on {args.device or checked['device']}" if args.costs == "measured" else "modelled"
     plan_ms, dense_ms = final["modelled_ms"], result["dense"]["modelled_ms"]
-    print(f"plan: {args.out} ({result['plan_summary']['phases']} phases, dense warm-up {final['warmup_steps']} "
-          f"steps); PSNR vs dense {psnr}; attention {priced} {format_time(plan_ms / 1e3, '/sample')} vs dense "
+    phases, warmup = result['plan_summary']['phases'], final['warmup_steps']
+    print(f"plan: {args.out} ({phases} phase{'s' * (phases != 1)}, dense warm-up {warmup} step{'s' * (warmup != 1)}"
+          f"); PSNR vs dense {psnr}; attention {priced} {format_time(plan_ms / 1e3, '/sample')} vs dense "
           f"{format_time(dense_ms / 1e3)}" + (f" ({format_ratio(dense_ms / plan_ms)})" if plan_ms else "")
           + f"; {format_time(result['seconds']['total'])}" +
           (f" ({format_ratio(cost['ratio'])} the dense generation of the same {cost['videos']} videos, "

@@ -240,6 +240,11 @@ def _check_counts(args) -> None:
         problem = folder_error(folder, flag) if folder is not None else None
         if problem:
             raise _Refused(problem)
+    calibration = os.path.join(args.out, "calibration.json")
+    if os.path.isfile(calibration):  # (before: its report.md was replaced by this eval's, silently)
+        raise _Refused(f"--out {args.out} holds a calibration's report ({calibration}, report.md of dit-accel "
+                       "calibrate): this eval's report.md would replace it; pass another --out folder, e.g. "
+                       f"{os.path.join(os.path.dirname(os.path.normpath(args.out)) or '.', 'eval_out')}")
     default_cache = os.path.join(args.out, "cache")
     if args.cache_dir is None and folder_error(default_cache, "--cache-dir"):  # (else "[Errno 17] File exists")
         raise _Refused(f"--out {args.out}: {default_cache} is a file, where the dense cache goes (--cache-dir's "

@@ -6,6 +6,7 @@ atomic write. The format itself is described in :mod:`dit_accel.plans.sparse_pla
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Tuple
 
-from .._util import is_int, to_jsonable
+from .._util import existing_ancestor, is_int, to_jsonable
 from ..methods import Method, TileStrategy
 from .per_head import PerHead
 
@@ -32,7 +33,10 @@ def write_atomic(path, data) -> Path:
     """Write ``data`` (str or bytes) to ``path`` through a temporary file in the same folder and ``os.replace``:
     a reader sees the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _naming(err, path) from None
     payload = data.encode() if isinstance(data, str) else bytes(data)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -59,9 +63,14 @@ def write_atomic(path, data) -> Path:
 
 
 def _naming(err: OSError, path: Path) -> OSError:
-    """``err`` (same class and errno) naming ``path``, not the temporary file beside it that is gone."""
+    """``err`` (same class and errno) naming ``path``, not the temporary file beside it that is gone, and what to do
+    (before: "Permission denied; nothing written" only)."""
+    full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    todo = "free space on that disk" if full else f"make {existing_ancestor(path.parent) or path.parent} writable"
+    kept = " (the file already there is unchanged)" if os.path.lexists(path) else ""
     try:
-        return type(err)(err.errno, f"{err.strerror or err}; nothing written", str(path))
+        return type(err)(err.errno, f"{err.strerror or err}; nothing written{kept}: {todo}, or write the file to "
+                                    "another folder", str(path))
     except TypeError:  # an OSError subclass of another signature: as it was
         return err
 

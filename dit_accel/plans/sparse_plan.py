@@ -315,15 +315,29 @@ class SparsePlan:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
 
+    def __eq__(self, other) -> bool:  # (before: identity, so a plan and its saved-and-loaded copy were unequal)
+        """Same phases, layer and head counts and provenance (not ``source``, the file it was read from)."""
+        return self.to_json() == other.to_json() if isinstance(other, SparsePlan) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.content_hash())
+
     # -------------------------------------------------------------- queries
     def for_layer_step(self, layer: int, step: int) -> Optional[Method]:
         """The method ``layer`` runs at ``step``; None where the plan runs dense."""
         layer, step = layer_step("SparsePlan.for_layer_step", layer, step)
+        self._check_layer("SparsePlan.for_layer_step", layer)
         for phase in self.phases:
             if phase.covers(step):
                 method = phase.method(layer)
                 return None if _is_dense(method) else method
         return None
+
+    def _check_layer(self, owner: str, layer: int) -> None:
+        """ValueError for a layer past the plan's ``num_layers`` (before: it ran the phase's default, unsaid)."""
+        if self.num_layers is not None and layer >= self.num_layers:
+            raise ValueError(f"{owner}(layer={layer}) is invalid: {self._name()} is for {self.num_layers} attention "
+                             f"layers (num_layers), so layer is 0..{self.num_layers - 1}; pass a layer of that model")
 
     def methods(self) -> Tuple[Method, ...]:
         """Every distinct method config the plan names (per-head entries as themselves)."""
@@ -332,6 +346,10 @@ class SparsePlan:
     def head_methods(self, layer: int, step: int, heads: int) -> Tuple[Method, ...]:
         """The config of each of ``heads`` heads of ``layer`` at ``step`` (``Dense()`` where dense): a Tile's or
         GNA's per-head windows as one single-head config each; ValueError when the entry is for another head count."""
+        if not is_int(heads) or heads < 1:  # (before: 0 gave (), 2.0 a TypeError from inside)
+            raise (TypeError if not is_int(heads) else ValueError)(
+                f"SparsePlan.head_methods(heads={heads!r}) is invalid: the layer's number of attention heads, an int "
+                ">= 1")
         method = self.for_layer_step(layer, step)
         if method is None:
             return (Dense(),) * heads
@@ -345,6 +363,8 @@ class SparsePlan:
 
     def runs_sla(self, layer: int) -> bool:
         """Whether some phase runs SLA on some head of ``layer`` (apply() gives that layer an SLA projection)."""
+        layer, _ = layer_step("SparsePlan.runs_sla", layer, 0)
+        self._check_layer("SparsePlan.runs_sla", layer)
         for phase in self.phases:
             method = phase.method(layer)
             inner = method.methods if isinstance(method, PerHead) else (method,)
