@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import inspect
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ from .options import (HelpFormatter, add_cache_option, add_method_options, add_p
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
                             _check_cache, _method_for_weights, _check_plan_with_weights, check_sidecar,
                             early_call_error, early_method_defaults, early_method_error, early_plan_error,
-                            flag_call_error, image_parameter, _check_dense_schedule, _check_side_by_side, _in_flags)
+                            flag_call_error, image_parameter, _check_dense_schedule, _check_side_by_side, _in_flags,
+                            _pick_dtype, _slug)
 from .generate_report import (_audio_of, _cache_record, _calls_per_transformer,  # noqa: F401
                               _check_side_by_side_path, _commit_with_comparison, _comparison, magcache_ratios,
                               _output_notes, _prompt_notes, _provenance, _quality, _record,
@@ -140,11 +140,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _slug(model: str) -> str:
-    name = Path(model.rstrip("/\\")).name if os.sep in model or "/" in model else model
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
-
-
 def _pick_device(device):
     import torch
 
@@ -156,14 +151,6 @@ def _pick_device(device):
     if error is not None:
         raise _UsageError(error)
     return device
-
-
-def _pick_dtype(name: str, device: str, tiny: bool):
-    import torch
-
-    if name == "auto":
-        name = "bfloat16" if device.startswith("cuda") and not tiny else "float32"
-    return getattr(torch, name), name
 
 
 def _one_thread_for_tiny(device: str, model: str) -> None:
@@ -649,12 +636,13 @@ def generate(args) -> dict:
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
         f"{'.mp4' if is_video else '.png'}"
-    check_sidecar(out, "--out" if args.out else "the default output (pass --out PATH)")  # (known only now)
+    check_sidecar(out, "--out" if args.out else "the default output (pass --out PATH)", args)  # (known only now)
     if args.side_by_side:
         _check_side_by_side_path(out, call.get("num_frames") or 1)
     if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
         return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total, load_s)
-    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    frame_folders = [] if out.suffix else [out, _side_by_side_path(out)][:2 if args.side_by_side else 1]
+    created = [p for p in (*frame_folders, *out.parents) if not p.exists()]  # (the frame folders first)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         # One writer per output, held from before the denoising: a second run into the same --out is refused at

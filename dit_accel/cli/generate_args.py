@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -58,6 +59,9 @@ def _check_flags(args) -> None:
                           "or a folder path (PNG frames)")
     for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
         _check_utf8(flag, text)
+    if args.prompt is not None and not args.prompt.lstrip("\ufeff").strip():  # (ran unconditioned, "" recorded)
+        raise _UsageError(f"--prompt {args.prompt!r} is empty: give the text to generate from, e.g. --prompt 'a cat "
+                          "on a skateboard' (or leave --prompt out for the model's default prompt)")
     # A byte-order mark (``--prompt "$(cat prompt.txt)"`` of a file Notepad saved) is no text: it reached the
     # tokenizer as a character of the prompt, and the sidecar recorded it so.
     for dest in ("prompt", "negative_prompt"):
@@ -71,9 +75,9 @@ def _check_flags(args) -> None:
         raise _UsageError(seed_error(args.seed))
     _check_writable(Path(args.out) if args.out else Path("outputs") / "out.mp4", "--out" if args.out else
                     "the default output folder outputs/ (pass --out PATH)")
-    if args.out:  # (the default's name is known once the method is: checked then)
-        check_sidecar(Path(args.out))
     args._images = [_read_image(path) for path in getattr(args, "image", None) or ()]
+    if args.out:  # (the default's name is known once the method is: checked then)
+        check_sidecar(Path(args.out), args=args)
 
 
 def _check_utf8(flag: str, text) -> None:
@@ -119,13 +123,50 @@ def _check_writable(out: Path, what: str) -> None:
                 made.rmdir()
 
 
-def check_sidecar(out: Path, what: str = "--out") -> None:
+def check_sidecar(out: Path, what: str = "--out", args=None) -> None:
     """The sidecar ``OUT.json`` is not a folder: checked before the generation (its removal and writing raised an
-    IsADirectoryError traceback once the video was written)."""
+    IsADirectoryError traceback once the video was written). With ``args``: no file the run writes (or removes as an
+    earlier run's stale frame) at ``out`` or its side-by-side path is an ``--image`` it reads (the input was
+    overwritten by the output before)."""
     sidecar = Path(str(out) + ".json")
     if sidecar.is_dir():
         raise _UsageError(f"{what}: the sidecar {sidecar} this run writes beside {out} is a folder; move it away or "
                           "choose another --out")
+    outs = [out, *([_side_by_side_path(out)] if getattr(args, "side_by_side", False) else [])]
+    for image, target in ((i, o) for i in getattr(args, "_images", None) or () for o in outs):
+        if _writes_over(target, Path(image.path).expanduser()):
+            raise _UsageError(f"{what}: the output {target} would overwrite --image {image.path}, the input this run "
+                              "reads; choose another --out (or keep the image elsewhere)")
+
+
+def _writes_over(out: Path, file: Path) -> bool:
+    """Whether writing an output at ``out`` (a video, a PNG or PNG sequence, a frame folder: ``videos.output_files``
+    for any frame count, stale frames included) writes or removes ``file``."""
+    out, file = out.resolve(), file.resolve()
+    if file in (out, Path(f"{out}.json")):
+        return True
+    if out.suffix.lower() == ".png":
+        return file.parent == out.parent and re.fullmatch(re.escape(out.stem) + r"_\d{5}\.png", file.name) is not None
+    return not out.suffix and file.parent == out and re.fullmatch(r"frame_\d{5}\.png", file.name) is not None
+
+
+def _side_by_side_path(out: Path) -> Path:
+    """``outputs/x.mp4`` -> ``outputs/x-vs-dense.mp4`` (a folder of frames: ``x-vs-dense``)."""
+    return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
+
+
+def _slug(model: str) -> str:
+    """The model's name in the default output's file name."""
+    name = Path(model.rstrip("/\\")).name if os.sep in model or "/" in model else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def _pick_dtype(name: str, device: str, tiny: bool):
+    import torch
+
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") and not tiny else "float32"
+    return getattr(torch, name), name
 
 
 def _check_plan_with_weights(args, plan, saved) -> None:
@@ -241,8 +282,24 @@ def flag_call_error(args, pipe, accepts) -> Optional[str]:
     wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
-    return unused_flag_error(pipe, accepts, wanted) or image_call_error(pipe, accepts,
-                                                                         len(getattr(args, "_images", None) or ()))
+    images = getattr(args, "_images", None) or ()
+    return unused_flag_error(pipe, accepts, wanted) or image_call_error(pipe, accepts, len(images)) \
+        or _image_check_error(pipe, images)
+
+
+def _image_check_error(pipe, images) -> Optional[str]:
+    """The pipeline's own check of an input image (FLUX.2's ``image_processor.check_image_input``: at least 64
+    pixels a side, an aspect ratio up to 8:1), run on each ``--image`` before the denoising, the message naming the
+    file; None when each passes or the pipeline has no such check. Before: its bare "Image too small: 16×16" came
+    once the dense comparison had run, naming no flag."""
+    check = getattr(getattr(pipe, "image_processor", None), "check_image_input", None)
+    for image in images if callable(check) else ():
+        try:
+            check(image.image)
+        except ValueError as err:
+            return (f"--image {image.path}: {type(pipe).__name__} refuses it: {err}; give an image that meets this "
+                    "(e.g. resized)")
+    return None
 
 
 def early_call_error(args) -> Optional[str]:

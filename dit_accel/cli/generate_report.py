@@ -10,11 +10,7 @@ import re
 from pathlib import Path
 
 from .._util import format_ratio, format_time, versions
-
-
-def _side_by_side_path(out: Path) -> Path:
-    """``outputs/x.mp4`` -> ``outputs/x-vs-dense.mp4`` (a folder of frames: ``x-vs-dense``)."""
-    return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
+from .generate_args import _side_by_side_path
 
 
 def _check_side_by_side_path(out: Path, num_frames: int) -> None:
