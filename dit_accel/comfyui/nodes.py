@@ -20,7 +20,7 @@ import os
 import re
 from typing import Dict, Optional, Tuple
 
-from .._util import is_int
+from .._util import is_int, is_number
 from ..cli.options import int_list, int_tuple
 from ..methods import CliOption, method_from_name, registered_methods
 from ..pipelines.apply_checks import BACKENDS
@@ -187,8 +187,26 @@ def _float_step(default: float) -> float:
     return 0.001
 
 
-def _widget(field: dataclasses.Field, opt: CliOption):
-    """The ComfyUI input spec of one config field."""
+def _accepts(method: str, field: str, value) -> bool:
+    """Whether the method's config (its other fields at their defaults) takes ``value`` for ``field``."""
+    try:
+        method_from_name(method, **{field: value})
+    except Exception:  # noqa: BLE001 (a refusal of any kind: the value is out of the widget's range)
+        return False
+    return True
+
+
+def _float_range(method: str, field: str, step: float) -> dict:
+    """A FLOAT widget's ``min`` and ``max``, as the config's own check has them (probed, not written twice), so that
+    ComfyUI's validation stops a value out of range in the UI (a widget max of 1e6 let SLA's topk=5 through to the
+    node's run): one that refuses 0 starts at its step, one that takes 0.5 but no value above 1 (a fraction: SLA's
+    topk, negligible, Radial's decay) ends at 1."""
+    capped = _accepts(method, field, 0.5) and not any(_accepts(method, field, v) for v in (1.001, 2.0, 1e3))
+    return {"min": 0.0 if _accepts(method, field, 0.0) else step, "max": 1.0 if capped else 1e6}
+
+
+def _widget(field: dataclasses.Field, opt: CliOption, method: str = ""):
+    """The ComfyUI input spec of one config field (of the registered ``method``: its FLOAT widgets' range)."""
     tip = {"tooltip": opt.help}
     default = field.default
     if opt.choices:
@@ -198,8 +216,8 @@ def _widget(field: dataclasses.Field, opt: CliOption):
     if opt.parse == "int" and default is not None:
         return ("INT", {"default": int(default), "min": 0, "max": 1 << 20, **tip})
     if opt.parse == "float" and default is not None:
-        return ("FLOAT", {"default": float(default), "min": 0.0, "max": 1e6, "step": _float_step(float(default)),
-                          **tip})
+        step = _float_step(float(default))
+        return ("FLOAT", {"default": float(default), **_float_range(method, field.name, step), "step": step, **tip})
     return ("STRING", {"default": _text(default), **tip})
 
 
@@ -241,14 +259,14 @@ def _value(name: str, field: dataclasses.Field, opt: CliOption, value):
 def _whole(name: str, value) -> int:
     """An INT widget's value: ComfyUI converts a typed one, not one linked from another node's output (a math node's
     2.7 ran as 2; None or text failed in int() without the widget's name). Its range is patch_model's to check."""
-    if is_int(value) or (isinstance(value, float) and value.is_integer()):
+    if is_int(value) or (is_number(value) and float(value).is_integer()):  # (numpy's 2.0 too)
         return int(value)
     raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: a whole number of steps >= 0 (0: none)")
 
 
 def _layers(text):
     if text is not None and not isinstance(text, str):  # (linked from an any-type node: patch_model checks it)
-        if is_int(text) or isinstance(text, (list, tuple)):
+        if is_int(text) or (isinstance(text, (list, tuple)) and all(is_int(i) for i in text)):
             return text
         raise ValueError(f"dit_accel: widget dense_layers={text!r} is invalid: N (the first N layers), a list like "
                          "0,5,7, or empty")
@@ -264,13 +282,32 @@ def _layers(text):
     return value[0] if len(value) == 1 and not re.search(r"[,\[\]()]", text) else list(value)
 
 
+def _sigma(value):
+    """The dense_above_sigma widget's value for patch_model (0: off, None; patch_model checks the rest). A None linked
+    from an any-type node's empty output is refused, as a None in a method widget with a default is (:func:`_value`):
+    it ran as 0, off, without a word, where the user had linked a threshold. (dense_layers' None is its blank default,
+    as for a method widget whose default is blank.)"""
+    if value is None:
+        raise ValueError("dit_accel: widget dense_above_sigma=None is invalid: a sigma >= 0 (calls at a higher sigma "
+                         "run dense; 0: off); the node linked to it gives None: link a value, or type one")
+    return None if is_number(value) and value == 0 else value  # (NaN too goes to patch_model's check)
+
+
+def _backend(value) -> str:
+    """The backend widget's value; one linked from another node's output that is none of them is said as the widget
+    (patch_model's own refusal named ``backend=``, with Python's words)."""
+    if not isinstance(value, str) or value not in BACKENDS:
+        raise ValueError(f"dit_accel: widget backend={value!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    return value
+
+
 def _options(widgets: dict) -> dict:
     """patch_model's keyword arguments from the common widgets."""
-    sigma = widgets.get("dense_above_sigma", 0.0)  # 0: off; anything else (NaN too) goes to patch_model's check
+    backend = _backend(widgets.get("backend", "auto"))
     return dict(dense_steps=_whole("dense_steps", widgets.get("dense_steps", 0)),
                 dense_last_steps=_whole("dense_last_steps", widgets.get("dense_last_steps", 0)),
-                dense_above_sigma=None if sigma is None or sigma == 0 else sigma,
-                dense_layers=_layers(widgets.get("dense_layers", "")), backend=widgets.get("backend", "auto"))
+                dense_above_sigma=_sigma(widgets.get("dense_above_sigma", 0.0)),
+                dense_layers=_layers(widgets.get("dense_layers", "")), backend=backend)
 
 
 def published(method_name: str) -> Dict[str, object]:
@@ -381,13 +418,14 @@ def node_for(name: str, cls: type, summary: str) -> type:
     opts = _in_widgets({f: fields[f].metadata["cli"] for f in fields})
     presets = _published(name)
     paths = [f for f in fields if opts[f].metavar in ("FILE", "DIR")]
+    specs = {f: _widget(fields[f], opts[f], name) for f in fields}  # (once: their ranges are probed)
 
     def INPUT_TYPES(_cls):  # noqa: N802 (ComfyUI's name)
         required = {"model": ("MODEL",)}
         if presets:
             required["preset"] = ([CUSTOM, *presets], {"default": CUSTOM, "tooltip": "a published setting: it sets "
                                                        "the method's widgets and the dense steps/layers it names"})
-        required.update({f: _widget(fields[f], opts[f]) for f in fields})
+        required.update(specs)
         required.update(_COMMON)
         return {"required": required}
 
@@ -473,7 +511,7 @@ class PlanNode:
             raise _for_another_node("plan_path", path, kind, "a plan")
         _check_not_a_report(path)
         plan = SparsePlan.load(path)
-        return (patch_model(model, plan, backend=backend, allow_other_grid=allow_other_grid),)
+        return (patch_model(model, plan, backend=_backend(backend), allow_other_grid=allow_other_grid),)
 
 
 class FinetunedNode:
@@ -538,7 +576,7 @@ class FinetunedNode:
         # phases hold its own)
         dense_layers = None if isinstance(method, SparsePlan) else read_weights_info(folder).get("dense_layers")
         try:
-            return (patch_model(model, method, backend=backend, allow_other_grid=allow_other_grid,
+            return (patch_model(model, method, backend=_backend(backend), allow_other_grid=allow_other_grid,
                                 dense_layers=dense_layers, weights=folder, lora_strength=lora_strength,
                                 expert=expert),)
         except (ValueError, TypeError) as err:  # (the node has no dense_layers widget: the folder's are named)

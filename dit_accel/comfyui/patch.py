@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-from .._util import WarningLog, is_int
+from .._util import WarningLog, is_int, is_number
 from ..kernels.checks import check_flag
 from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers, _warn_unknown_strategy_layers
@@ -109,14 +109,14 @@ def _heads(module) -> Optional[int]:
 def _check_sigma(value) -> Optional[float]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+    if not is_number(value) or not 0 <= value < math.inf:  # (a numpy scalar a node links in is a number too)
         raise ValueError(f"dense_above_sigma={value!r} is invalid: a sigma >= 0 and finite (calls at a higher sigma "
                          "run dense), or None")
     return float(value)
 
 
 def _check_strength(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"lora_strength={value!r} is invalid: a finite number (1.0: as trained)")
     return float(value)
 
