@@ -180,7 +180,7 @@ def enable(pipe, config) -> None:
     them whole, which is right but not faster, and is said once (a :class:`~dit_accel.DitAccelWarning`)."""
     from .._util import DitAccelWarning
     from ..pipelines.context import TRANSFORMER_ATTRS, transformers_of
-    from ..pipelines.parallel import check_ulysses_heads, enable_context_parallel
+    from ..pipelines.parallel import check_process_group, check_ulysses_heads, enable_context_parallel
 
     split = [n for n in SPLIT_ATTRS if getattr(pipe, n, None) is not None]
     transformers = [t for _, t in transformers_of(pipe, SPLIT_ATTRS)]  # (one module under two names: split once)
@@ -189,6 +189,7 @@ def enable(pipe, config) -> None:
             raise ValueError(f"{type(transformer).__name__} has no context-parallel plan in this Diffusers "
                              "release (Wan, FLUX and LTX-Video have one); run it without --cp")
         check_ulysses_heads(transformer, config)
+    check_process_group(config)  # (before any transformer changes: the second was refused after the first was split)
     for transformer in transformers:
         enable_context_parallel(transformer, config)
     whole = [f"{name} ({type(t).__name__})" for name in TRANSFORMER_ATTRS if name not in SPLIT_ATTRS

@@ -69,12 +69,19 @@ def run(args) -> int:
         return _fail(f"--jobs {args.jobs}: give a positive number of worker processes (1 runs the checks here)")
     if args.budget is not None and not args.budget >= 0:
         return _fail(f"--budget {args.budget}: give the seconds (>= 0) after which no check starts")
+    na, tasks = selfcheck.plan(device, args.variant)
+    if args.variant and not tasks:  # (before: "0 of 0 checked, 0 failed", exit 0, as if it had passed)
+        row = na[0]
+        return _fail(f"--variant {row['variant']}: it does not run on {device} ({row['reason']}), so there is "
+                     f"nothing to check here; name a variant that runs on {device} (`dit-accel selftest --device "
+                     f"{device}` lists them, n/a for the others)")
     if interpreting():  # the CPU's checks run in Triton's interpreter, quicker without the costs that change nothing
         speed_up_interpreter()
     jobs = args.jobs or (min(8, os.cpu_count() or 1) if device == "cuda" else 1)
-    if not args.json:
-        print(f"checking kernel variants on {device} against their fp32 twins, {jobs} at a time "
-              f"(cached verdicts: {selfcheck.cache_path()})", flush=True)
+    selfcheck.cached_verdicts()  # (a damaged verdict file warns here, naming it: before, it was replaced unsaid)
+    if not args.json:  # (every check runs again: a stored verdict is what the first use of a kernel reads, not this)
+        print(f"checking kernel variants on {device} against their fp32 twins, {jobs} at a time; each check runs "
+              f"afresh and its verdict is saved for first use in {selfcheck.cache_path()}", flush=True)
 
     def progress(done: int, total: int, row: dict) -> None:  # on stderr: --json keeps stdout for the JSON
         print(f"  {done} of {total} checked: {row['variant']} {row['dtype']} {row['verdict']} "

@@ -38,7 +38,7 @@ from ..kernels import merge_attention
 
 __all__ = ["Split", "run_split", "check_split", "check_ring_layers", "check_ulysses_heads", "ulysses_heads_error",
            "check_per_head",
-           "enable_context_parallel", "ring_first_says"]
+           "check_process_group", "mesh_error", "enable_context_parallel", "ring_first_says"]
 
 
 def enable_context_parallel(transformer, config) -> None:
@@ -51,6 +51,7 @@ def enable_context_parallel(transformer, config) -> None:
     this Diffusers release resolves configs differently, or where the Ulysses degree does not divide the heads.
     """
     check_ulysses_heads(transformer, config)
+    check_process_group(config)
     if torch.accelerator.device_count() > 0:
         transformer.enable_parallelism(config=config)
         return
@@ -79,6 +80,52 @@ def enable_context_parallel(transformer, config) -> None:
         transformer.enable_parallelism(config=config)
     finally:
         del transformer._resolve_parallel_config
+
+
+def mesh_error(cp) -> Optional[str]:
+    """Why the ``mesh`` a ContextParallelConfig ``cp`` was given disagrees with its degrees, or None: dit_accel splits
+    the sequence by the degrees and exchanges over the mesh's groups, so a mismatch gave wrong outputs without a word
+    (``ring_degree=2`` with a mesh of ``ring`` 1 x ``ulysses`` 2 attended half the keys)."""
+    mesh = getattr(cp, "mesh", None)
+    if mesh is None:
+        return None
+    sizes = dict(zip(tuple(getattr(mesh, "mesh_dim_names", None) or ()), tuple(getattr(mesh, "shape", ()))))
+    wanted = {"ring": cp.ring_degree or 1, "ulysses": cp.ulysses_degree or 1}
+    if all(sizes.get(name) == size for name, size in wanted.items()):
+        coordinate = getattr(mesh, "get_coordinate", None)
+        if coordinate is None or coordinate() is not None:
+            return None
+        import torch.distributed as dist
+
+        return (f"the ContextParallelConfig's mesh does not hold this process (rank {dist.get_rank()}), which would "
+                "not take part in the exchanges: give every rank that runs the model a mesh it is in (one process "
+                "per mesh position, the same mesh on each)")
+    has = ", ".join(f"{name} {size}" for name, size in sizes.items()) or "no named dimensions"
+    return (f"ContextParallelConfig(ulysses_degree={wanted['ulysses']}, ring_degree={wanted['ring']}) was given a mesh "
+            f"of {has}: its 'ring' and 'ulysses' dimensions must have those sizes (mesh_dim_names=('ring', 'ulysses', "
+            f"...), shape ({wanted['ring']}, {wanted['ulysses']}, ...)); build the mesh with the degrees, or leave "
+            "mesh out")
+
+
+def check_process_group(config) -> None:
+    """Refuse, before the model changes, context parallelism without a process group that holds its ranks, or with
+    a mesh that disagrees with its degrees (torch's and Diffusers' errors otherwise: "environment variable RANK
+    expected", "Mesh should not be bigger than default world size", or, for a mesh, wrong outputs)."""
+    import torch.distributed as dist
+
+    cp = getattr(config, "context_parallel_config", config)
+    problem = mesh_error(cp)
+    if problem:
+        raise ValueError(problem)
+    degree = (getattr(cp, "ulysses_degree", 1) or 1) * (getattr(cp, "ring_degree", 1) or 1)
+    launch = f"start {degree} processes with `torchrun --nproc_per_node {degree} ...`"
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"context parallelism over {degree} ranks needs a process group, and torch.distributed is "
+                         f"not initialised in this process: {launch} and call torch.distributed.init_process_group() "
+                         "in each before enabling it (dit-accel's --cp does both)")
+    if degree > dist.get_world_size():
+        raise ValueError(f"context parallelism with ulysses_degree x ring_degree = {degree} needs {degree} ranks, "
+                         f"and the process group has {dist.get_world_size()}: {launch}, or lower the degrees")
 
 
 def check_ulysses_heads(transformer, config) -> None:
@@ -132,6 +179,9 @@ class Split:
             raise ValueError("dit_accel runs context parallelism with equal shares per rank; ulysses_anything / "
                              "ring_anything (uneven shares) are not supported. Build the ContextParallelConfig "
                              "without them, and choose sizes whose token count is a multiple of the number of ranks")
+        problem = mesh_error(cp)
+        if problem:
+            raise ValueError(problem)
         return cls(cp.ulysses_degree, cp.ring_degree, cp._ulysses_local_rank, cp._ring_local_rank,
                    cp._ulysses_mesh.get_group(), cp._ring_mesh.get_group())
 
