@@ -26,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Optional, Sequence
 
@@ -249,9 +250,42 @@ def run(args: argparse.Namespace) -> int:
     """Run the fine-tuning; prints a one-line summary. Input errors: message on stderr, exit status 2; a run that
     diverged (NaN or inf weights or losses): message on stderr, exit status 1, no weights written."""
     try:
-        return _run(args)
+        with _terminate_as_interrupt():
+            return _run(args)
+    except _Terminated:
+        print("dit-accel finetune: stopped (SIGTERM): checkpoints written so far stay in --output for --resume; a run "
+              "stopped before its first checkpoint left --output as it was.", file=sys.stderr)
+        return 143  # (128 + SIGTERM, what a shell reports for a process the signal ended)
     finally:
         _end_process_group()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it unwinds as it does on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``timeout``, ``docker stop``, ``kill``, a cluster scheduler's stop or preemption) ends the run as Ctrl-C
+    does: a failed run's clean-up runs (a run stopped before its first checkpoint puts --output back as it was, and
+    what --overwrite set aside comes back). Before: the process died at once, leaving a run record without weights
+    that a new run refused as "another fine-tuning run", and a run with --overwrite lost the run it was replacing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, previous)  # (a second SIGTERM during the clean-up ends it the usual way)
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _end_process_group() -> None:
@@ -275,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"dit-accel finetune: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteOutputError as err:  # the run diverged: nothing written, the output folder as it was
+    except (NonFiniteOutputError, MemoryError) as err:  # diverged, out of memory: the output folder as it was
         print(f"dit-accel finetune: error: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # model loading errors are one actionable line, not a traceback
@@ -290,7 +324,9 @@ def _run(args: argparse.Namespace) -> int:
         msg = f"finetune: {result['steps_this_session']} steps this session"
         if result["resumed_from"] is not None:
             msg += f" (resumed at step {result['resumed_from']} of {result['steps']})"
-        if loss:
+        if loss and result["resumed_from"] is not None:  # (the losses of earlier sessions too: say whose steps)
+            msg += f", loss {loss[0]:.4g} at step 1 -> {loss[-1]:.4g} at step {len(loss)}"
+        elif loss:
             msg += f", loss {loss[0]:.4g} -> {loss[-1]:.4g}"
         if result.get("eval_loss_start") is not None:
             msg += f", held-out loss {result['eval_loss_start']:.4g} -> {result['eval_loss_end']:.4g}"

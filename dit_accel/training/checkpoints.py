@@ -124,7 +124,9 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
             f"no {RUN_FILE}); choose an empty or new folder. Nothing there is deleted"
             + (", not even with --overwrite." if config.overwrite else "."))
     if contents and not config.overwrite:
-        previous = read_json(run_file, expected="the run record `dit-accel finetune` writes (a JSON object of settings)")
+        previous = read_json(run_file, expected="the run record `dit-accel finetune` writes (a JSON object of "
+                                                "settings): --overwrite starts the run again (removing only the "
+                                                "files a run writes), or choose another --output")
         if not config.resume:
             steps = _checkpoints(out)
             done = f", checkpoints up to step {_step_of(steps[-1])}" if steps else ", no checkpoint yet"

@@ -26,6 +26,7 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _CACHED_PROMPTS = 256
 # Default samples per optimizer step in distill mode (see FinetuneConfig, "Samples per step").
 DISTILL_SAMPLES_PER_STEP = 8
+MAX_COUNT = 2 ** 31 - 1  # the most steps, samples per micro-batch or micro-batches per step a run takes
 
 # Settings that name files or folders: recorded relative to the output folder (FinetuneConfig.settings).
 _PATHS = ("output", "data", "prompts", "eval_data")
@@ -243,6 +244,13 @@ def validate_config(config: FinetuneConfig) -> None:
         is_int(c.gradient_accumulation_steps) and c.gradient_accumulation_steps > 0),
         f"--gradient-accumulation-steps {c.gradient_accumulation_steps!r} is invalid: must be a positive integer "
         "(or unset for the mode's default).")
+    # (before: past 2**63 torch refused the sizes, past 2**64 the loss's divisor, in a raw TypeError or OverflowError
+    # once the model had loaded)
+    for name in ("steps", "batch_size", "gradient_accumulation_steps"):
+        v = getattr(c, name)
+        _require(v is None or v <= MAX_COUNT, f"--{name.replace('_', '-')} {v} is invalid: must be at most "
+                                              f"{MAX_COUNT} (2**31 - 1); samples per step = --batch-size x "
+                                              "--gradient-accumulation-steps x processes.")
     for name in ("checkpoint_every", "lr_warmup_steps", "seed", "checkpoints_total_limit", "eval_batches"):
         v = getattr(c, name)
         _require(is_int(v) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
@@ -278,6 +286,11 @@ def validate_config(config: FinetuneConfig) -> None:
         v = getattr(c, name)          # data.read_prompts)
         _require(v is None or isinstance(v, (str, os.PathLike)),
                  f"--{name.replace('_', '-')} {v!r} is invalid: expected a path (str or pathlib.Path).")
+    for name in ("data", "eval_data", "prompts"):  # (before: "" was Path("") = ".", the current folder: --data ""
+        v, flag = getattr(c, name), f"--{name.replace('_', '-')}"  # trained on whatever its metadata.jsonl named)
+        _require(not (isinstance(v, str) and not v.strip()), f"{flag} {v!r} is empty: give the path of "
+                 + ("a text file with one prompt per line" if name == "prompts" else
+                    "a folder with metadata.jsonl and images/videos") + f", or leave {flag} out.")
     _check_eval_data(c)
     _warn_schedules(c)
     # (before: --prompts was ignored without a word when --data was given; the run used the captions)

@@ -116,8 +116,9 @@ def _trained_on(config: FinetuneConfig) -> Optional[str]:
 def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
     """The weights folder and the log (main process)."""
     config = trainer.config
-    extra = {"model": _trained_on(config), "token_grid": list(trainer.grid),
-             "dense_layers": trainer.dense_layers, "frames": config.frames, "height": config.height,
+    frames, grid = _trained_size(trainer)
+    extra = {"model": _trained_on(config), "token_grid": grid,
+             "dense_layers": trainer.dense_layers, "frames": frames, "height": config.height,
              "width": config.width}
     if trainer.plan is not None:
         extra["plan_sha256"] = trainer.plan.content_hash()
@@ -132,7 +133,7 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
     losses = result["loss"]
     log = {
         "settings": config.settings(), "versions": versions(("torch", "diffusers", "peft", "accelerate")),
-        "num_processes": trainer.accelerator.num_processes, "device": str(trainer.device), "token_grid": list(trainer.grid),
+        "num_processes": trainer.accelerator.num_processes, "device": str(trainer.device), "token_grid": grid,
         "trainable_parameters": int(sum(p.numel() for p in trainer.params.values())),
         "gradient_accumulation_steps": trainer.accum, "samples_per_step": trainer.samples_per_step,
         "resumed_from": result["resumed_from"], "seconds_this_session": round(result["seconds"], 3),
@@ -144,6 +145,17 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
     if trainer.gates:  # the sparsity each step trained at (FastVideo's decay from dense to the target)
         log["vsa_sparsity"] = [{"step": i + 1, "sparsity": trainer.vsa_sparsity(i)} for i in range(len(losses))]
     atomic_write_json(out / LOG_FILE, log)
+
+
+def _trained_size(trainer: _Trainer):
+    """``(frames, token grid)`` the run trained at: with a ``--data`` folder of images only, one frame and the images'
+    grid, whatever ``--frames`` says (before: the weights folder and the log recorded ``--frames`` and its video grid,
+    which no sample had)."""
+    dataset = trainer.dataset
+    if dataset is not None and trainer.config.frames != 1 and all(dataset.num_frames(i) == 1
+                                                                  for i in range(len(dataset))):
+        return 1, list(trainer.io.token_grid(1, trainer.config.height, trainer.config.width))
+    return trainer.config.frames, list(trainer.grid)
 
 
 def _run_warnings(trainer: _Trainer) -> List[str]:
@@ -254,16 +266,54 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     check_method_before_load(config, dataset)
     accelerator = _accelerator(config)
     check_cp_processes(config, accelerator.num_processes)
-    with _output_lock(config, accelerator):
-        out, out_contents = _check_output(config, accelerator.num_processes)
-        trainer = _Trainer(config, accelerator, prompts, dataset)
-        try:
-            result = _run(trainer, out, out_contents)
-        except BaseException:
-            trainer.undo()  # a pipeline passed in as model= gets back what the failed run added to it
+    try:
+        with _output_lock(config, accelerator):
+            out, out_contents = _check_output(config, accelerator.num_processes)
+            trainer = _Trainer(config, accelerator, prompts, dataset)
+            try:
+                result = _run(trainer, out, out_contents)
+            except BaseException:
+                trainer.undo()  # a pipeline passed in as model= gets back what the failed run added to it
+                raise
+    except RuntimeError as err:
+        problem = _out_of_memory(config, err)
+        if problem is None:
             raise
+        raise problem from None
     trainer.commit()
     return result
+
+
+class TrainingOutOfMemoryError(RuntimeError, MemoryError):
+    """Out of memory in a fine-tuning run, naming the options that size a step. A RuntimeError as torch's own (code
+    that caught those catches it) and a MemoryError."""
+
+
+def _out_of_memory(config: FinetuneConfig, err: RuntimeError) -> Optional[TrainingOutOfMemoryError]:
+    """A MemoryError naming the options that size a step, for torch's out-of-memory error (CUDA's, or the CPU
+    allocator's "can't allocate memory"); None for another error. Before: a raw RuntimeError from deep inside the
+    forward (``--frames 1000000001``, a large --batch-size), naming no option. The output folder is already back as
+    it was (:func:`_finish`)."""
+    import re
+
+    text = " ".join(str(err).split())
+    if not (isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"allocate (\d+ bytes|[\d.]+ ?[KMGT]i?B)", text)
+    if asked and asked.group(1).endswith(" bytes"):
+        asked_text = f"{int(asked.group(1).split()[0]) / 2 ** 30:.1f} GiB"
+    else:
+        asked_text = asked.group(1) if asked else None
+    fixes = [f"--batch-size (now {config.batch_size})", f"--frames/--height/--width (now {config.frames}x"
+             f"{config.height}x{config.width})"]
+    more = [] if config.gradient_checkpointing else ["--gradient-checkpointing"]
+    more += [] if config.mixed_precision in ("bf16", "fp16") else ["--mixed-precision bf16"]
+    tried = f" (it tried to allocate {asked_text})" if asked_text else ""
+    return TrainingOutOfMemoryError(f"out of memory while fine-tuning{tried}: lower {' or '.join(fixes)}"
+                                    + (f", or pass {' and '.join(more)}" if more else "")
+                                    + " (--gradient-accumulation-steps keeps the samples per step with smaller "
+                                    "micro-batches).")
 
 
 def _output_lock(config: FinetuneConfig, accelerator):

@@ -402,6 +402,7 @@ class _Trainer:
             config.target_modules)
         self.lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else
                                       config.rank, init_lora_weights=True, target_modules=list(targets))
+        _check_rank(transformer, config.rank, targets)  # (before add_adapter: a huge rank was allocated first)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
             try:
@@ -413,7 +414,6 @@ class _Trainer:
                                                                                                         targets))
                 raise ValueError(f"--target-modules {','.join(targets)}: {problem or e}") from None
         _check_targets(transformer, targets)
-        _check_rank(transformer, config.rank)
         self.projections = self.handle.sla_projections()
         self.gates = {}
         if isinstance(config.method, VSA):  # zero-initialised to_gate_compress per layer: step 0 is training-free VSA
@@ -683,15 +683,14 @@ def _unmatched_targets(transformer, targets: Sequence[str]) -> Optional[str]:
             + f" Layers LoRA can adapt there end in e.g. {', '.join(sorted(names)[:8])}.")
 
 
-def _check_rank(transformer, rank: int) -> None:
+def _check_rank(transformer, rank: int, targets: Sequence[str]) -> None:
     """ValueError when ``--rank`` is past the width of an adapted layer (the fewer of its input and output features):
     a rank-r product there has rank at most that width, so the rest trains nothing but memory, and alpha / r scales the
-    update down for ranks it cannot have. Before: a rank of 512 on 64-wide layers was taken without a word."""
-    from peft.tuners.lora import LoraLayer
-
+    update down for ranks it cannot have. Checked on the Linear layers the targets name (as peft matches them) before
+    peft allocates the adapters: a rank of 10**9 failed there, out of memory, in a raw RuntimeError."""
     widths = [(min(m.in_features, m.out_features), n, m.in_features, m.out_features)
-              for n, m in transformer.named_modules() if isinstance(m, LoraLayer)
-              and all(isinstance(getattr(m, k, None), int) for k in ("in_features", "out_features"))]
+              for n, m in transformer.named_modules() if isinstance(m, nn.Linear)
+              and any(n == t or n.endswith("." + t) for t in targets)]
     if not widths or rank <= min(widths)[0]:
         return
     width, name, fan_in, fan_out = min(widths)
@@ -779,8 +778,9 @@ def _resume(trainer: _Trainer, out: Path) -> Tuple[int, List[float], Optional[in
                                    "to fall back to; --overwrite starts again from step 0)") from None
             import warnings
 
-            warnings.warn(f"dit_accel: --resume: {err}; resuming from the previous checkpoint, {older[-1].name}",
-                          DitAccelWarning, stacklevel=2)
+            said = f"dit_accel: --resume: {err}; resuming from the previous checkpoint, {older[-1].name}"
+            trainer.config.__dict__.setdefault("_warnings", []).append(said)  # (the log keeps it: before, not --quiet)
+            warnings.warn(said, DitAccelWarning, stacklevel=2)
             continue
         return start, losses[:start], start
     raise AssertionError("unreachable")
