@@ -172,3 +172,20 @@ def test_selftest_says_its_checks_run_afresh_and_warns_of_a_damaged_verdict_file
     said = [str(w.message) for w in seen]
     assert any("selfcheck.json: is not valid JSON" in m and "the variants are checked again" in m for m in said), said
     json.dumps(said)  # (plain text)
+
+
+def test_selftest_does_not_call_the_checks_of_a_dead_worker_disabled(no_checks, monkeypatch, capsys):
+    """A worker process that died fails its checks without storing them (the next use checks again): the closing
+    line said "these variants are disabled" of them too. Now it says they did not finish and how to see why."""
+    import torch
+
+    from dit_accel.cli import selftest
+
+    crash = selfcheck._row(selfcheck._crash_entry(RuntimeError("boom"), torch.device("cpu"),
+                                                  ("dense.triton.fwd", torch.float32, {"n": 64})))
+    assert crash["verdict"] == "FAIL" and crash["crashed"] is True
+    monkeypatch.setattr(selfcheck, "run_all", lambda *a, **k: [crash])
+    monkeypatch.setattr(selftest, "_print", lambda rows: None)
+    assert selftest.run(_args(variant=["dense.triton.fwd"])) == 1
+    err = capsys.readouterr().err
+    assert "1 check(s) did not finish: the worker process running them died" in err and "disabled" not in err

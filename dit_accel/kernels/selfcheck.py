@@ -479,7 +479,8 @@ def plan(device="cpu", names: Optional[List[str]] = None) -> Tuple[List[dict], L
 def _row(entry: dict) -> dict:
     return {"variant": entry["variant"], "dtype": entry["dtype"], "problem": entry["problem"],
             "error": entry["error"], "tolerance": entry["tolerance"],
-            "verdict": "pass" if entry["ok"] else "FAIL", "seconds": entry["seconds"]}
+            "verdict": "pass" if entry["ok"] else "FAIL", "seconds": entry["seconds"],
+            **({"crashed": True} if entry.get("crashed") else {})}
 
 
 def _pool_check(device: str, name: str, dtype: torch.dtype, shape: dict) -> Tuple[str, dict]:
@@ -610,7 +611,8 @@ def _crash_entry(err: BaseException, device: torch.device, task: tuple) -> dict:
     def check(device, dtype, shape):
         raise RuntimeError(f"the worker process running this check died: {type(err).__name__}: {err}")
 
-    return {**_run_check(Variant(name, "", "", lambda device: None, check), device, dtype, shape), "variant": name}
+    return {**_run_check(Variant(name, "", "", lambda device: None, check), device, dtype, shape), "variant": name,
+            "crashed": True}
 
 
 def cached_verdicts() -> List[dict]:
