@@ -31,7 +31,13 @@ def prepare_layout(layout: BlockLayout, device, backend: str = "auto") -> BlockL
     ``torch.compile`` or not, only reads them. Returns the device copy. ``backend`` is a name
     :func:`block_sparse_attention` takes (a misspelt one was accepted and prepared nothing)."""
     check_backend_name(backend)
-    device = torch.device(device)
+    if not isinstance(layout, BlockLayout):  # (it failed with "'str' object has no attribute 'device'")
+        raise TypeError(f"layout must be a dit_accel.kernels.BlockLayout; got {type(layout).__name__}")
+    try:  # (torch's "Expected one of cpu, cuda, ... device type at start of device string", or its overload list)
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r} is invalid: a torch device such as 'cpu', 'cuda' or 'cuda:1' (the "
+                         "device of the q, k, v the layout will run with)") from None
     layout = layout_on(layout, device)
     if forced_backend(backend) == "flex":
         from .flex import prepare
@@ -207,13 +213,15 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
     lookup (about 15 us of a stubbed launch's 50 on a CPU, see ``dit_accel.eval.host_path``). The
     signature holds everything those steps read: the tensors' types, shapes, dtypes and devices,
     whether autograd records, ``scale``, ``backend``, ``return_lse`` and the environment overrides.
-    Traced calls, tensor subclasses and non-layouts take the checked path every time."""
+    Traced calls, calls under torch.func transforms, tensor subclasses and non-layouts take the checked path
+    every time (a vmap call took an eager call's answer: a forced ``flex``, which vmap cannot run, failed deep
+    in torch's FlexAttention trace instead of being refused)."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor \
-            or type(layout) is not BlockLayout or tracing():
+            or type(layout) is not BlockLayout or tracing() or in_functorch():
         return _decide(q, k, v, layout, scale, backend, return_lse)
     grad = records_grad(q, k, v)
-    # (a torch.func gradient, or a forward-mode tangent, does not take an eager gradient's backend)
-    grad = grad and (3 if forward_ad(q, k, v) else 2 if in_functorch() else 1)
+    # (a forward-mode tangent does not take an eager gradient's backend)
+    grad = grad and (3 if forward_ad(q, k, v) else 1)
     # (and a backward under torch.use_deterministic_algorithms(True) does not take another's vendor backend)
     grad = grad and (grad + 3 if torch.are_deterministic_algorithms_enabled() else grad)
     device = q.device
@@ -420,6 +428,8 @@ def dense_reason(layout: BlockLayout, *, batch: int, heads: int, head_dim: int, 
     (:func:`dense_reasons` keeps the sentences)."""
     from .. import cost
 
+    if not isinstance(layout, BlockLayout):  # (it failed with "'str' object has no attribute 'num_heads'")
+        raise TypeError(f"layout must be a dit_accel.kernels.BlockLayout; got {type(layout).__name__}")
     if dtype not in (torch.float16, torch.bfloat16) or (return_lse and needs_grad) or head_dim > 256:
         return None
     contender = "triton" if return_lse else "sdpa"

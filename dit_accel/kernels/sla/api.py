@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..backends import Request, check_backend_name, env_value, resolve
 from ..checks import check_flag, check_qkv, check_scale, sdpa_autocast, unit_stride
-from ..request import forward_ad, in_functorch, records_grad, tracing
+from ..request import BackendUnavailable, forward_ad, in_functorch, in_vmap, records_grad, tracing
 from .common import SLAParams, classify_checked, sla_block_counts
 from .naive import sla_torch
 
@@ -216,6 +216,8 @@ def _branches(q, k, v, method: SLAParams, proj, scale: float, backend: str):
     if proj is not None and is_inert(proj):  # proj(anything) is exactly 0: the linear branch adds nothing
         proj = None
     with_linear = proj is not None and (method.linear_tokens == "all" or sla_block_counts(k.shape[-2], method)[3] > 0)
+    if in_vmap():
+        _check_vmap(k, method, backend, with_linear)
 
     if backend == "torch":
         o_s, lse, o_l = sla_torch(q, k, v, blocks, method, scale, with_linear)
@@ -224,6 +226,25 @@ def _branches(q, k, v, method: SLAParams, proj, scale: float, backend: str):
     if proj is not None and o_l is None:  # no marginal blocks: O_l is exactly zero, proj(0) is still its bias
         o_l = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     return o_s, lse, o_l, proj, blocks
+
+
+def _check_vmap(k, method: SLAParams, backend: str, with_linear: bool) -> None:
+    """BackendUnavailable for the calls under ``torch.vmap`` whose steps write in place into tensors of their own,
+    which vmap cannot batch: torch's "vmap: inplace arithmetic(self, *extra_args) is not possible" (or "aten::scatter_
+    ... is not possible") from inside the twin, naming neither the function nor a way out. Others map (as before)."""
+    nk, why = k.shape[-2], None
+    if backend == "torch" and nk % method.block_k:
+        why = f"the PyTorch twin masks a ragged last key block (M={nk}, blocks of {method.block_k}) in place"
+    elif with_linear and method.linear_tokens == "marginal":
+        from .ops import linear_plan
+
+        if backend == "torch" or linear_plan(nk, method, True) == "direct":
+            why = "the projected linear branch lists the marginal blocks in place"
+    if why is not None:
+        raise BackendUnavailable(
+            f"sla_attention cannot run these inputs under torch.vmap on backend {backend!r}: {why}, which vmap cannot "
+            "batch. Fold the mapped dim into q, k and v's batch dim (x.flatten(0, 1)) and call it once, or loop over "
+            "it")
 
 
 @functools.cache
@@ -256,11 +277,20 @@ def _project(proj: nn.Module, o_l: torch.Tensor, o_s: Optional[torch.Tensor], dt
     # In the module's own dtype (a bf16 nn.Sequential refused the twin's fp32 O_l: "mat1 and mat2 must have the
     # same dtype").
     proj_dtype = _param_dtype(proj)
-    o_lp = proj(o_l if proj_dtype is None else o_l.to(proj_dtype))
-    if not isinstance(o_lp, torch.Tensor) or o_lp.shape != o_l.shape:  # (it failed in the sum, or broadcast into it)
-        got = f"shape {tuple(o_lp.shape)}" if isinstance(o_lp, torch.Tensor) else type(o_lp).__name__
-        raise ValueError(f"proj must map the linear branch (..., D) to (..., D), shape {tuple(o_l.shape)}; it returned "
-                         f"{got}. Use a Linear(D, D) per layer (D = {o_l.shape[-1]}, the head dim)")
+    try:
+        o_lp = proj(o_l if proj_dtype is None else o_l.to(proj_dtype))
+    except RuntimeError as err:  # (an nn.Sequential(Linear(16, 16)) on D = 32: torch's "mat1 and mat2 shapes cannot
+        # be multiplied (128x32 and 16x16)", naming neither proj nor D; out of memory and the like pass as they are)
+        if type(err) is not RuntimeError or not any(w in str(err) for w in ("shape", "size", "dimension")):
+            raise
+        got = f"it failed: {str(err).splitlines()[0]}"
+    else:
+        got = None if isinstance(o_lp, torch.Tensor) and o_lp.shape == o_l.shape else \
+            f"it returned shape {tuple(o_lp.shape)}" if isinstance(o_lp, torch.Tensor) else \
+            f"it returned {type(o_lp).__name__}"  # (it failed in the sum, or broadcast into it)
+    if got is not None:
+        raise ValueError(f"proj must map the linear branch (..., D) to (..., D), shape {tuple(o_l.shape)}; {got}. Use "
+                         f"a Linear(D, D) per layer (D = {o_l.shape[-1]}, the head dim)")
     return o_lp.to(dtype) if o_s is None else o_s + o_lp.to(dtype)
 
 
@@ -317,7 +347,12 @@ def _candidate(proj: nn.Module):
     if type(proj) is not nn.Linear or tracing():
         return None, None
     params = proj._parameters  # (the module's attribute lookup costs about a microsecond a name)
-    weight, bias = params["weight"], params["bias"]
+    weight, bias = params.get("weight"), params.get("bias")
+    # Not a plain Linear's output (weight @ x + bias): a hook or an instance forward may change it (a zero
+    # projection with a forward hook lost the hook's term, silently), and weight_norm / spectral_norm keep the
+    # weight elsewhere (weight_g and weight_v: a raw KeyError 'weight').
+    if weight is None or proj._forward_hooks or proj._forward_pre_hooks or "forward" in proj.__dict__:
+        return None, None
     # Training the projection: its gradient needs O_l.
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None, None
