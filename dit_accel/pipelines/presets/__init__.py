@@ -624,8 +624,8 @@ def _check_version(model: str, class_name: str, family: Optional[str]) -> None:
     guess = f"{class_name} ({family})" if family else class_name
     warnings.warn(f"{model!r} names {words!r}, a version dit_accel has no family of ({known}): "
                   f"read as {guess} by its name, a guess" + (f", so settings chosen by family are {family}'s" if family
-                                                               else "") + "; check them "
-                  f"against the model card, or download the model (`huggingface-cli download {model}`) so that "
+                                                               else "") + "; check "
+                  f"{'them' if family else 'the settings it picks'} against the model card, or download the model (`huggingface-cli download {model}`) so that "
                   "dit_accel reads its transformer from the snapshot's model_index.json", DitAccelWarning,
                   stacklevel=4)
 
