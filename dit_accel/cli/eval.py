@@ -336,15 +336,13 @@ def _method_specs(args, tiny: bool) -> list:
     return specs
 
 
-#: The labels of the baseline and the dense-vs-dense floor rows (dit_accel.eval.runner), which no other row may take.
-_RESERVED_LABELS = ("dense", "dense~seed", "dense~triton", "dense~sdpa-math")
-
-
 def _unique_labels(specs) -> None:
     """Every row's label made unique, as --method-config's are (a ' added): two --plan files of one name in two
     folders, or a plan or --weights folder named like a method row, else share a label, and --compare pairs rows
     by label (the second one's samples against the first's)."""
-    seen = set(_RESERVED_LABELS)
+    from ..eval.runner_checks import RESERVED_LABELS  # (the baseline's and the floor rows', which no row may take)
+
+    seen = set(RESERVED_LABELS)
     for spec in specs:
         while spec.label in seen:
             spec.label += "'"

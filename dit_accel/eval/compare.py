@@ -2,7 +2,8 @@
 
 Both folders must hold results of the same prompts and seeds (in any order), made with the same model, sizes, steps,
 guidance, max_sequence_length and dtype (else a one-line refusal naming what differs). Rows with the same label are paired sample by sample (same prompt and seed); for each metric
-the table gives A's and B's means and the mean of B - A with its 95% t-interval and paired-test p.
+the table gives A's and B's means and the mean of B - A with its 95% t-interval and paired-test p. Times are compared
+only between runs on one device (GPU or CPU model, as the provenance records it); else :func:`unpaired_rows` says so.
 
 Example::
 
@@ -132,9 +133,12 @@ def compare_results(a: dict, b: dict) -> List[dict]:
         raise ValueError("--compare: the two folders share no row label with scored samples "
                          f"(A: {', '.join(r['label'] for r in a['rows'])}; B: {', '.join(labels_b) or 'none'})")
     out = []
+    apart = _devices_apart(a, b)
     for row_a in common:
         row_b = labels_b[row_a["label"]]
         for key, direction, _ in METRICS:
+            if apart and key in _TIMES:  # (the difference would be the machines', not the change's)
+                continue
             va, vb = _values(row_a, key), _values(row_b, key)
             keys = [k for k in va if k in vb]
             if not keys:
@@ -154,7 +158,9 @@ def unpaired_rows(a: dict, b: dict) -> List[str]:
     _check_results(a, "a")
     _check_results(b, "b")
     rows = {side: {r["label"]: r for r in results["rows"]} for side, results in (("A", a), ("B", b))}
-    out = []
+    apart = _devices_apart(a, b)
+    out = [f"times ({', '.join(_TIMES)}): A ran on {apart[0]}, B on {apart[1]}, so their difference is the "
+           "devices'; compare the times of two runs on one device"] if apart else []
     for label in dict.fromkeys([*rows["A"], *rows["B"]]):
         present = {side: rows[side].get(label) for side in ("A", "B")}
         missing = [side for side, row in present.items() if row is None]
@@ -166,6 +172,17 @@ def unpaired_rows(a: dict, b: dict) -> List[str]:
         if failed:
             out.append(f"{label}: {', '.join(failed)}")
     return out
+
+
+_TIMES = ("time_transformer", "time_total")
+
+
+def _devices_apart(a: dict, b: dict):
+    """``(device of A, device of B)`` as their provenance records them (GPU or CPU model) where they differ, else
+    None. Before: the times of a CPU and a GPU run were paired as if one change had made the difference."""
+    da, db = ((results.get("provenance") or {}).get("device") if isinstance(results.get("provenance"), dict) else None
+              for results in (a, b))
+    return (da, db) if isinstance(da, str) and isinstance(db, str) and da != db else None
 
 
 def _short(error) -> str:

@@ -38,6 +38,8 @@ from ..methods import METHOD_ALIASES, Dense, Method, canonical_method_name, meth
 from ..models.tiny import is_tiny_model, model_label
 from ..models.tiny_shapes import shapes_model
 from .metrics import mean_or_none, paired_metrics
+from .runner_checks import RESERVED_LABELS, check_apply_options as _check_apply_options, check_dense_shapes, \
+    check_run_arguments, read_config as _read_config
 from .timing import StageTimer, median_times, timing_device
 
 __all__ = ["EvalSettings", "generation_kwargs", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key",
@@ -125,7 +127,12 @@ class MethodSpec:
             raise ValueError(f"{source}: {name}: expected a mapping of options, got {options!r}")
         options = dict(options or {})
         options.pop("method", None)
-        label = options.pop("label", None) or label or name
+        given = options.pop("label", None)
+        given = label if given is None else given
+        if given is not None and not (isinstance(given, str) and given.strip()):  # (YAML reads label: 1 as an int)
+            raise ValueError(f"{source}: {name}: label={given!r} is invalid: expected a non-empty text such as "
+                             f"'{name}-small' (in YAML, quote a number: label: '1')")
+        label = given or name
         apply_kwargs = {k: options.pop(k) for k in APPLY_KEYS if k in options}
         _check_apply_options(apply_kwargs, f"{source}: {name}")
         entry = registered_methods()[name]
@@ -148,53 +155,6 @@ class MethodSpec:
         return out
 
 
-def _check_apply_options(options: dict, where: str) -> None:
-    """The ``dit_accel.apply`` options of a config entry, checked when the file is read: a bad one would
-    otherwise fail its row only after the model loaded and the dense rows ran."""
-    from .._util import is_int
-    from ..pipelines.apply_checks import BACKENDS
-
-    for key in ("dense_steps", "dense_last_steps"):
-        if key in options and not (is_int(options[key]) and options[key] >= 0):
-            raise ValueError(f"{where}: {key}={options[key]!r} is invalid: expected an int >= 0")
-    layers = options.get("dense_layers")
-    if layers is not None and not (is_int(layers) and layers >= 0) and not (
-            isinstance(layers, list) and all(is_int(i) and i >= 0 for i in layers)):
-        raise ValueError(f"{where}: dense_layers={layers!r} is invalid: expected an int >= 0 (the first N layers) "
-                         "or a list of layer indices such as [0, 5]")
-    if "layer_methods" in options and not (isinstance(options["layer_methods"], dict) and all(
-            is_int(i) and i >= 0 and isinstance(m, Method) for i, m in options["layer_methods"].items())):
-        raise ValueError(f"{where}: layer_methods={options['layer_methods']!r} is invalid: expected {{layer index: "
-                         "dit_accel method config}} (a Python mapping; a JSON/YAML file cannot spell a config: give "
-                         "the layer its own entry instead)")
-    if "backend" in options and options["backend"] not in BACKENDS:
-        raise ValueError(f"{where}: backend={options['backend']!r} is invalid: choose one of {', '.join(BACKENDS)}")
-    if "weights" in options and not isinstance(options["weights"], str):
-        raise ValueError(f"{where}: weights={options['weights']!r} is invalid: expected the path of a "
-                         "`dit-accel finetune` folder")
-
-
-def _read_config(path: str):
-    """The --method-config file's contents; ValueError with the parser's one-line reason when it is not valid."""
-    from ..atomic_files import read_text
-
-    text = read_text(path, what="--method-config: a JSON or YAML file of method options")
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"--method-config {path}: not valid YAML{where} "
-                             f"({getattr(err, 'problem', None) or err})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--method-config {path}: not valid JSON ({err}); YAML files need a .yaml suffix") from None
-
-
 def _check_names(names, source: str) -> None:
     known = registered_methods()
     for name in names:
@@ -214,7 +174,9 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     :data:`APPLY_KEYS` (``dense_steps``...) go to ``dit_accel.apply``. Names in
     ``methods`` without a config entry use the method's defaults; with
     ``methods`` given, config entries of other methods are ignored. ``dense`` is
-    the eval baseline itself and gets no spec unless ``include_dense``.
+    the eval baseline itself and gets no spec unless ``include_dense`` (or the entry has
+    options or a label of its own: a row of dense with them, e.g. ``weights``); the other rows
+    are labelled apart from the baseline's (a ' added).
     ``defaults`` (``{name: options}``, e.g. the tiny models' grid-sized settings)
     replaces the method's own defaults for names without a config entry. ``explicit=False``
     marks the rows as the default list (:func:`run_eval` skips the ones the model cannot run).
@@ -252,10 +214,11 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
         entries = [e for e in entries if canonical_method_name(e[0]) in names]
         configured = {canonical_method_name(e[0]) for e in entries}
         entries += [(n, dict((defaults or {}).get(n, {})), n) for n in names if n not in configured]
-    specs, seen = [], set()
+    specs, seen = [], set(() if include_dense else RESERVED_LABELS)
     for name, opts, label in entries:
-        if canonical_method_name(name) == "dense" and not include_dense:
-            continue  # the baseline row
+        if canonical_method_name(name) == "dense" and not include_dense and (not opts or isinstance(opts, dict) and (
+                opts.get("label") in (None, "dense") and not set(opts) - {"method", "label"})):
+            continue  # the baseline row (a dense entry with options or its own label is a row: dense with weights=)
         spec = MethodSpec.parse(name, opts, label, source=source if config_path else "--methods",
                                 explicit=explicit)
         while spec.label in seen:
@@ -301,13 +264,15 @@ def model_fingerprint(model, pipe, cache_dir: Optional[Path] = None, log=print) 
 
 
 def _read_dense_entry(path: Path):
-    """``(frames, times)`` of a dense cache file; ValueError (BadFileError) naming it when it is damaged."""
+    """``(frames, times, cold)`` of a dense cache file (``cold``: timed as a run's first generation without a warm-up);
+    ValueError (BadFileError) naming it when it is damaged."""
     from ..atomic_files import BadFileError
 
     expected = "a dense cache entry: frames uint8 [F, H, W, 3] and times (JSON)"
     try:
         with np.load(path, allow_pickle=False) as data:
             frames, times = np.asarray(data["frames"]), json.loads(str(data["times"]))
+            cold = bool(data["cold"]) if "cold" in data.files else False
     except Exception as err:  # BadZipFile, EOFError, KeyError, ValueError, ...: a damaged entry
         raise BadFileError(path, f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
                            expected) from None
@@ -315,7 +280,7 @@ def _read_dense_entry(path: Path):
             or not isinstance(times, dict):
         raise BadFileError(path, f"holds frames {frames.dtype} {tuple(frames.shape)} and times "
                                  f"{type(times).__name__}", expected)
-    return frames, times
+    return frames, times, cold
 
 
 def _check_entry_size(path: Path, frames: np.ndarray, settings: EvalSettings) -> None:
@@ -393,8 +358,9 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``.
 
     The cache is keyed by the content of the model's weights (see :func:`dense_cache_key`); an entry that
-    cannot be read (truncated, wrong structure) is dropped with a warning and generated again. Entries are
-    written whole (temporary file, then a rename) as each sample is made: a killed eval keeps those it finished.
+    cannot be read (truncated, wrong structure) is dropped with a warning and generated again, and one timed cold
+    (a ``--warmup 0`` run's first generation) is generated again by a run with warm-up. Entries are written whole
+    (temporary file, then a rename) as each sample is made: a killed eval keeps those it finished.
     """
     from ..atomic_files import atomic_write, remove_stale_temps
     from .report import ProgressLine, progress_bar
@@ -409,11 +375,16 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
             path = cache_dir / f"{prefix}_{key}.npz"
             if path.exists():
                 try:
-                    videos[i], times = _read_dense_entry(path)
+                    videos[i], times, cold = _read_dense_entry(path)
                     _check_entry_size(path, videos[i], settings)
                 except ValueError as err:
                     log(f"warning: dense cache entry dropped, generating it again: {err}")
                     path.unlink(missing_ok=True)
+                    missing.append((i, path))
+                    continue
+                if cold and settings.warmup:  # (its start-up costs made every speedup against it too large)
+                    log(ProgressLine(f"{desc}: {path.name} was timed without a warm-up (--warmup 0); generated "
+                                     "again for this run's times"))
                     missing.append((i, path))
                     continue
                 runs.append(times)
@@ -425,7 +396,8 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
             def keep(j, video, times):  # (cached as made: else a failure at the last sample lost every one before)
                 i, path = missing[j]
                 videos[i], sample_times[i] = video, times
-                atomic_write(path, lambda tmp: np.savez_compressed(tmp, frames=video, times=json.dumps(times)))
+                atomic_write(path, lambda tmp: np.savez_compressed(tmp, frames=video, times=json.dumps(times),
+                                                                   cold=settings.warmup == 0 and j == 0))
 
             runs.extend(_timed_runs(pipe, timer, settings, [samples[i] for i, _ in missing], bar, keep)[1])
     log(ProgressLine(f"{desc}: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})"))
@@ -703,6 +675,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     """
     import dit_accel
 
+    check_run_arguments(settings, specs, out_dir, EvalSettings, MethodSpec)
     _check_inputs(settings, fid_weights, real_dir, fid_feature, clip_model, clip_scorer)
     settings = settings.with_tiny_defaults()  # (from Python: the pipeline's own sizes ran for hours on a CPU)
     out_dir = Path(out_dir)
@@ -729,6 +702,10 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
                 _generate(pipe, timer, settings, *samples[0])
         floors = _floor_rows(pipe, timer, settings, samples, dense, cache_dir, floor_backend, log, model_sha256)
         rows = [dense] + floors + _method_rows(pipe, timer, settings, samples, specs, log)
+    key = lambda i: dense_cache_key(settings, *samples[i], model_sha256=model_sha256,  # noqa: E731
+                                    pipeline=type(pipe).__name__)
+    check_dense_shapes(dense["videos"], [v for r in rows[1:] if r.get("floor") != "seed" for v in r.get("videos", ())],
+                       lambda i: cache_dir / f"dense_{key(i)}.npz")
 
     scorers = _Scorers(settings, lpips=lpips, clip_model=clip_model, clip_scorer=clip_scorer, fid_weights=fid_weights,
                        fid_feature=fid_feature, real_dir=real_dir, frame_size=dense["videos"][0].shape[1:3])

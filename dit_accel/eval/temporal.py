@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .metrics import to_frames
+from .metrics import _check_pair, to_frames
 
 __all__ = ["FROZEN_LEVEL", "motion", "temporal_error", "is_frozen", "loop_period", "temporal_report"]
 
@@ -43,8 +43,7 @@ def motion(video) -> torch.Tensor:
 def temporal_error(video, reference) -> float:
     """Mean ``|(x[t+1] - x[t]) - (r[t+1] - r[t])|``: 0 when the video changes exactly as the reference does."""
     x, r = to_frames(video), to_frames(reference)
-    if x.shape != r.shape:
-        raise ValueError(f"frame shapes differ: {tuple(x.shape)} vs reference {tuple(r.shape)}")
+    _check_pair(x, r)  # (before: "frame shapes differ", without which differs or what to do)
     if x.shape[0] < 2:
         return 0.0
     return float(((x[1:] - x[:-1]) - (r[1:] - r[:-1])).abs().mean())
