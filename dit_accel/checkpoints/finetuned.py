@@ -462,6 +462,7 @@ def _checked_folder(handle, folder: Path):
         _check_method(folder, saved, method, log.warn if log is not None else _warn)
     _check_dense_layers(folder, info, handle)
     files = info.get("files") or {}
+    _check_files_fit(folder, files, saved)
     if "sha256" in info:
         check_hashes(folder, info["sha256"], method_path)
     for kind, name in sorted(files.items()):  # (without a hash table a missing gates file loaded zero gates)
@@ -497,6 +498,28 @@ def _checked_folder(handle, folder: Path):
                                  f"{tuple(ref.shape)}.")
         sla = (tensors, projections)
     return lora, sla, loaded
+
+
+def _methods_in(d) -> set:
+    """Every ``"method"`` name in a saved method dict (a plan's and a PerHead's entries included)."""
+    if isinstance(d, dict):
+        own = {d["method"]} if isinstance(d.get("method"), str) else set()
+        return own.union(*map(_methods_in, d.values()))
+    return set().union(*map(_methods_in, d)) if isinstance(d, list) else set()
+
+
+def _check_files_fit(folder: Path, files: dict, saved: dict) -> None:
+    """BadFileError naming the method file when the tensors it names are not its method's: SLA projections under a
+    method without SLA, VSA gates under one without VSA (before: skipped, and the LoRA ran without what it was
+    trained with). (A VSA folder may name no gates: save_pretrained keeps them beside the model's weights.)"""
+    methods = _methods_in(saved)
+    kind = next((k for k, m in (("sla_projections", "sla"), ("vsa_gates", "vsa")) if files.get(k) and m not in methods),
+                None)
+    if kind is not None:
+        what = f"names {'SLA projections' if kind == 'sla_projections' else 'VSA gates'} ({files[kind]})"
+        raise BadFileError(folder / METHOD_FILE, f"{what} but records the method {saved.get('method')!r} "
+                           f"({', '.join(sorted(methods))} in all), so its method and its tensors disagree",
+                           f"the method file `dit-accel finetune` wrote with these tensors: {_REDO}")
 
 
 def _check_dense_layers(folder: Path, info: dict, handle) -> None:
@@ -686,6 +709,11 @@ def _load_lora(transformer: nn.Module, lora) -> None:
         raise ValueError(f"{path}: peft could not load this LoRA into the {type(transformer).__name__} "
                          f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); the model is as it was. "
                          "Check that the weights belong to this model, or train or convert them again") from err
+    # peft froze every other parameter (its training setup): the model's own keep their requires_grad (before, the
+    # whole model stayed frozen after remove())
+    for p in transformer.parameters():
+        if id(p) in before["grad"]:
+            p.requires_grad_(before["grad"][id(p)])
 
 
 load_trained_weights = load_into  # the name used before the weights folder format moved here

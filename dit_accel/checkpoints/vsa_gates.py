@@ -4,7 +4,8 @@ Sparse-distilled checkpoints such as FastWan2.1-T2V-1.3B-Diffusers hold, per tra
 gate ``blocks.N.to_gate_compress.weight`` / ``.bias`` (FastVideo's Diffusers-format key names; vLLM-Omni
 spells them ``blocks.N.attn1.to_gate_compress.*``, read too). Diffusers' ``WanTransformer3DModel`` has no
 such module and drops the keys with a notice, so the model it loads is not the one that was trained.
-This module finds and reads them, header first (:func:`gate_keys` reads no tensor), like
+This module finds and reads them (in the ``*.safetensors``, or the pickled ``*.bin`` Diffusers reads where there
+are none), header first (:func:`gate_keys` reads no tensor), like
 :mod:`dit_accel.checkpoints.finetuned` reads dit_accel's own weights folders: a bad file is a one-line
 :class:`~dit_accel.atomic_files.BadFileError`.
 """
@@ -26,9 +27,21 @@ __all__ = ["GATE_KEY", "GATES_FILE", "loaded_from", "transformer_folder", "check
            "read_gates", "write_gates", "save_with_gates"]
 
 #: A gate tensor's key: ``blocks.<N>.to_gate_compress.<weight|bias>`` (optionally ``attn1.`` before the name, and a
-#: ``transformer.``/``model.`` prefix).
-GATE_KEY = re.compile(r"^(?:transformer\.|model\.)?blocks\.(\d+)\.(?:attn1\.)?to_gate_compress\.(weight|bias)$")
+#: ``transformer.``/``model.`` prefix, inside or outside the ``_orig_mod.``/``module.`` that torch.compile and DDP add).
+GATE_KEY = re.compile(r"^(?:_orig_mod\.|module\.)*(?:transformer\.|model\.)?(?:_orig_mod\.|module\.)*"
+                      r"blocks\.(\d+)\.(?:attn1\.)?to_gate_compress\.(weight|bias)$")
 _INDEX = "diffusion_pytorch_model.safetensors.index.json"
+_BIN_INDEX = "diffusion_pytorch_model.bin.index.json"
+#: What a gates key may look like: said when a file holds a to_gate_compress tensor under another key.
+_LAYOUT = ("blocks.N.to_gate_compress.weight / .bias (FastVideo's Diffusers layout; blocks.N.attn1.to_gate_compress.* "
+           "and a transformer., model., _orig_mod. or module. prefix are read too)")
+#: Pickled weights, read where a folder has no safetensors, as Diffusers reads them (its names only: an accelerate
+#: checkpoint's optimizer.bin is no model).
+_PICKLED = (".bin",)
+
+
+def _pickled_model(path: Path) -> bool:
+    return path.suffix in _PICKLED and path.name.startswith("diffusion_pytorch_model") and path.is_file()
 #: The file dit_accel writes the gates to when a model with VSA applied is saved (``save_pretrained``): beside
 #: Diffusers' own weights, in the same key layout. Diffusers ignores it (as it drops the keys of a FastWan
 #: checkpoint); :func:`gate_keys` reads it, with or without a shard index.
@@ -36,7 +49,9 @@ GATES_FILE = "vsa_gates.safetensors"
 
 
 def _has_checkpoint(folder: Path) -> bool:
-    return folder.is_dir() and any(p.suffix == ".safetensors" for p in folder.iterdir())
+    # (a FastWan checkpoint in .bin: Diffusers loaded it and dropped its gates, and VSA ran without them, saying the
+    # folder was "no folder on this machine")
+    return folder.is_dir() and any(p.suffix == ".safetensors" or _pickled_model(p) for p in folder.iterdir())
 
 
 def loaded_from(transformer) -> Optional[str]:
@@ -79,25 +94,66 @@ def transformer_folder(transformer, subfolder: str = "transformer") -> Optional[
     return None
 
 
+def _index(folder: Path) -> Optional[Path]:
+    """The shard index Diffusers reads in ``folder`` (the pickled shards' only where there is no safetensors), or
+    None."""
+    if (folder / _INDEX).is_file():
+        return folder / _INDEX
+    plain = any(p.is_file() and not p.name.startswith(".") for p in folder.glob("*.safetensors"))
+    return folder / _BIN_INDEX if not plain and (folder / _BIN_INDEX).is_file() else None
+
+
+def _weight_map(index: Path) -> Dict[str, str]:
+    """An index's ``{key: shard file}``; BadFileError naming it when it is no such object."""
+    # (read_json: a byte-order mark was called "not a safetensors index", deep nesting a raw RecursionError)
+    weight_map = read_json(index, expected="a safetensors index, {\"weight_map\": {key: shard file}}").get("weight_map")
+    # (a weight_map that is no object, or names a shard by no file name, failed with a raw AttributeError or TypeError)
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
+        raise BadFileError(index, f"its weight_map is {json.dumps(weight_map)[:60]}, not an object naming each "
+                           "tensor's shard file", "{\"weight_map\": {key: shard file}}: download the checkpoint "
+                           "again or save it again")
+    return weight_map
+
+
 def checkpoint_files(folder) -> List[Path]:
-    """The safetensors files of a Diffusers model folder (the index's shards when there is an index)."""
+    """The safetensors files of a Diffusers model folder (the index's shards when there is an index); without any, its
+    ``.bin`` files, as Diffusers loads them."""
     folder = Path(folder)
-    index = folder / _INDEX
-    if index.is_file():
-        # (read_json: a byte-order mark was called "not a safetensors index", deep nesting a raw RecursionError)
-        weight_map = read_json(index, expected="a safetensors index, {\"weight_map\": {key: shard file}}").get(
-            "weight_map")
-        # (a weight_map that is no object, or names a shard by no file name, failed with a raw AttributeError or
-        # TypeError)
-        if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
-            raise BadFileError(index, f"its weight_map is {json.dumps(weight_map)[:60]}, not an object naming each "
-                               "tensor's shard file", "{\"weight_map\": {key: shard file}}: download the checkpoint "
-                               "again or save it again")
+    index = _index(folder)
+    if index is not None:
+        weight_map = _weight_map(index)
         shards = sorted(set(weight_map.values()))
         extra = [folder / GATES_FILE] if (folder / GATES_FILE).is_file() and GATES_FILE not in shards else []
         return [folder / s for s in shards] + extra
     # (a killed writer's hidden temporary, e.g. of vsa_gates.safetensors, is no checkpoint file: never read it)
-    return sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
+    return files or sorted(p for p in (folder.iterdir() if folder.is_dir() else ()) if _pickled_model(p))
+
+
+def _pickled_state(path: Path) -> dict:
+    """``{key: tensor}`` of a pickled checkpoint (``.bin``), read with ``weights_only=True`` (memory-mapped
+    where its format allows); BadFileError naming it when torch.load cannot read it so."""
+    state, error = None, None
+    for mmap in (True, False):  # (a legacy, non-zip file cannot be memory-mapped)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception as err:  # noqa: BLE001 - pickle errors come in many types
+            error = err
+    if error is not None and state is None:
+        raise BadFileError(path, "is not a state dict torch.load can read with weights_only=True "
+                                 f"({type(error).__name__}: {' '.join(str(error).split())[:100]})",
+                           "a Diffusers transformer checkpoint: download it again, or save it as safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadFileError(path, f"holds a {type(state).__name__}, not a state dict of tensors",
+                           "a Diffusers transformer checkpoint ({key: tensor}): save it again")
+    return state
+
+
+def _keys(path: Path) -> list:
+    if path.suffix in _PICKLED:
+        return list(_pickled_state(path))
+    return safetensors_keys(path, expected="a Diffusers transformer checkpoint")
 
 
 def gate_keys(folder) -> Dict[str, Path]:
@@ -106,9 +162,19 @@ def gate_keys(folder) -> Dict[str, Path]:
     for path in checkpoint_files(folder):
         if not path.is_file():
             raise BadFileError(path, "does not exist", "the shard its safetensors index names")
-        for key in safetensors_keys(path, expected="a Diffusers transformer checkpoint"):
+        for key in _keys(path):
             if GATE_KEY.match(key):
                 out[key] = path
+            elif "to_gate_compress" in key:  # (before: skipped, and the gates ran partly, or "holds no gates")
+                raise BadFileError(path, f"holds {key}, a to_gate_compress tensor under a key dit_accel does not "
+                                         "read", f"{_LAYOUT}: save the gates again under such keys")
+    index = _index(Path(folder))
+    mapped = _weight_map(index) if index is not None else {}
+    lost = sorted(k for k in mapped if GATE_KEY.match(k) and k not in out)
+    if lost:  # (before: those gates were skipped, a shard of another download beside the index)
+        raise BadFileError(index, f"names {lost[0]} in {mapped[lost[0]]}, which that shard does not hold "
+                           f"({len(lost)} such gate tensor(s))", "shards that hold what the index names: download the "
+                           "checkpoint again")
     return out
 
 
@@ -240,6 +306,7 @@ def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
     keys = gate_keys(folder)
     gates: Dict[int, Dict[str, torch.Tensor]] = {}
     seen: Dict[tuple, str] = {}
+    pickled: Dict[Path, dict] = {}
     for key, path in sorted(keys.items()):
         block, kind = GATE_KEY.match(key).groups()
         first = seen.setdefault((block, kind), key)
@@ -248,6 +315,10 @@ def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
             raise BadFileError(path, f"holds two to_gate_compress {kind}s for block {block}: {first} and {key}{where}",
                                "one key per gate (blocks.N.to_gate_compress.* or blocks.N.attn1.to_gate_compress.*); "
                                "remove one of them or save the checkpoint again")
+        if path.suffix in _PICKLED:
+            state = pickled.get(path) or pickled.setdefault(path, _pickled_state(path))
+            gates.setdefault(int(block), {})[kind] = state[key].clone()
+            continue
         with safe_open(str(path), framework="pt") as f:
             gates.setdefault(int(block), {})[kind] = f.get_tensor(key)
     for block, parts in gates.items():
@@ -268,5 +339,11 @@ def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
                     f"{int((~torch.isfinite(tensor.float())).sum())} non-finite values (NaN or inf)"
                 raise BadFileError(keys[key], f"the to_gate_compress {kind} of block {block} ({key}) has {what}",
                                    "finite float gate weights; the checkpoint is damaged: download or save it again")
+    unbiased = sorted(block for block, parts in gates.items() if "bias" not in parts)
+    if 0 < len(unbiased) < len(gates):  # (before: those blocks ran their gate without its bias, without a word)
+        key = next(k for k in keys if GATE_KEY.match(k).groups() == (str(unbiased[0]), "weight"))
+        raise BadFileError(keys[key], f"holds to_gate_compress biases for {len(gates) - len(unbiased)} blocks but none "
+                           f"for block(s) {unbiased[:8]} (e.g. {key} has no .bias)", "a bias for every gate or for "
+                           "none; the checkpoint is incomplete: download or save it again")
     return gates
 

@@ -72,8 +72,9 @@ def gates_folder(method, layer_methods, weights) -> bool:
         return False  # an unfinished run or one of its checkpoints: load_into says which (before: "pass the
         # checkpoint's transformer folder", for the folder of a `finetune --method vsa` run)
     raise ValueError(f"weights={str(weights)!r} holds neither to_gate_compress gates (blocks.N.to_gate_compress."
-                     "weight, in its *.safetensors or its transformer/ subfolder) nor a dit-accel finetune output "
-                     "(dit_accel_method.json); pass the checkpoint's transformer folder")
+                     "weight, in its *.safetensors or diffusion_pytorch_model*.bin or its transformer/ subfolder) "
+                     "nor a dit-accel finetune output (dit_accel_method.json); pass the checkpoint's transformer "
+                     "folder")
 
 
 def trained_gates(method, layer_methods, weights):
