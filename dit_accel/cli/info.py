@@ -144,6 +144,27 @@ def _densities(method, grid):
     return plan.density, plan.token_density
 
 
+def _runs_as(method, grid):
+    """The fields a ``fit=True`` setting runs with on ``grid`` where they differ from the setting's own (Tile: the
+    tile and window :func:`~dit_accel.patterns.tile.fit_tile` picks; GNA: a kernel clamped to the grid), else None.
+    The density printed is that layout's: beside the setting alone it read as the setting's (Wan 2.2's Tile(6, 8, 8)
+    on 20 frames printed the density of the (5, 8, 8) tile that runs)."""
+    if not getattr(method, "fit", False):
+        return None
+    given = method.ran_dict()
+    if method.name == "tile":
+        from ..patterns.checks import per_dim
+        from ..patterns.tile import fit_tile, tile_covers_grid
+
+        if tile_covers_grid(grid, method.tile, method.window):  # (as Tile.plan: dense, the setting's own)
+            return None
+        tile, window = fit_tile(grid, method.tile, method.window)  # (both: the window is in tiles)
+        return None if tile == per_dim("tile", method.tile, len(grid)) else {"tile": tile, "window": window}
+    from ..pipelines.handle import _as_ran
+
+    return {k: v for k, v in _as_ran(method, grid).items() if given.get(k) != v} or None
+
+
 def _setting(method, apply_kwargs, grid, where: str, source: str) -> dict:
     out = {"config": method.to_dict(), "apply": apply_kwargs, "source": source}
     if grid is not None:
@@ -151,6 +172,9 @@ def _setting(method, apply_kwargs, grid, where: str, source: str) -> dict:
         out.update(grid=list(grid), shape=where, density=round(density, 4))
         if token_density is not None:
             out["token_density"] = round(token_density, 4)
+        runs_as = _runs_as(method, grid)
+        if runs_as:
+            out["runs_as"] = runs_as
     return out
 
 
@@ -177,6 +201,12 @@ def model_settings(model: str) -> dict:
         elif name in preset.defaults:
             source = "dit_accel preset default (no published setting for this model)"
             methods[name] = [_setting(*recommended(class_name, name, family), grid, where, source)]
+        elif name != "dense" and not preset.refused:  # (what generate runs: VSA on Wan was missing from the list)
+            source = "the method's own defaults (no published setting or dit_accel preset default for this model)"
+            try:
+                methods[name] = [_setting(*recommended(class_name, name, family), grid, where, source)]
+            except (TypeError, ValueError):  # (refused for the class, no default that runs: tile_strategy's file)
+                continue
     from ..methods import method_from_name
     from ..models.tiny import TINY_METHOD_DEFAULTS
     from ..models.tiny_shapes import shapes_model
@@ -412,4 +442,7 @@ def _print_settings(settings: dict) -> None:
                 tokens = (f", token density {entry['token_density']:.4f}" if entry.get("token_density") is not None
                           else "")
                 print(f"      density {entry['density']:.4f} (visited blocks){tokens} on grid {grid} ({entry['shape']})")
+            if entry.get("runs_as"):
+                ran = ", ".join(f"{k}={v}" for k, v in entry["runs_as"].items())
+                print(f"      runs there as {ran} (fit=True: fitted to the grid; the density is of that layout)")
             print(f"      source: {entry['source']}")

@@ -289,7 +289,7 @@ def published_settings(transformer_or_class, method: Optional[str] = None,
                        family: Optional[str] = None) -> Tuple[Published, ...]:
     """The published settings for a model class (a name, a class, an instance or a pipeline: its transformer),
     optionally of one method and one family (default: the family of an instance or pipeline, else every family)."""
-    preset = PRESETS.get(_class_name(transformer_or_class))
+    preset = PRESETS.get(_class_name(_check_model_arg(transformer_or_class, "published_settings")))
     if preset is None:  # (an empty answer would read as "nothing published" for a class dit_accel does not know)
         asked = _class_name(transformer_or_class)
         raise ValueError(f"{asked!r} is not a model class dit_accel knows{_did_you_mean(asked, PRESETS)}; "
@@ -302,6 +302,22 @@ def published_settings(transformer_or_class, method: Optional[str] = None,
     return tuple(dataclasses.replace(p, config=copy.deepcopy(p.config), apply=copy.deepcopy(p.apply))
                  for p in preset.published
                  if (method is None or p.method == method) and (family is None or p.family == family))
+
+
+def _check_model_arg(model, fn: str):
+    """``model`` (:func:`recommended`'s and :func:`published_settings`' first argument) when it can name a class, else
+    an error naming the argument: None, a number or "" read as "no preset for NoneType", and a method config (the
+    arguments swapped) as "no preset for Radial"."""
+    from ...methods import Method
+
+    if isinstance(model, Method):
+        raise TypeError(f"transformer_or_class={model!r} is a method config; pass the model first and the method's "
+                        f"name second: {fn}(transformer, {model.name!r})")
+    if isinstance(model, str) and model.strip() or isinstance(model, type) or not (
+            model is None or isinstance(model, (str, bytes, int, float, tuple, list, dict))):
+        return model
+    raise ValueError(f"transformer_or_class={model!r} is invalid: pass a transformer, its class or class name (e.g. "
+                     f"'WanTransformer3DModel'), or a pipeline; `dit-accel info` lists the supported classes")
 
 
 def _registered_method(method) -> str:
@@ -345,7 +361,8 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     video also runs on the model's short default; Tile's ``fit=True`` runs, on a grid its tile does not
     divide, a tile that does (packed blocks: no element masks, little padding) with the window nearest its
     density (:func:`dit_accel.patterns.tile.fit_tile`; the published setting itself stays available from
-    :func:`published_settings`). A method the class refuses raises ValueError naming it.
+    :func:`published_settings`); a Tile with per-head windows or an explicit ``block_size`` keeps its tile (fit
+    refuses those). A method the class refuses raises ValueError naming it.
 
     Example::
 
@@ -354,7 +371,7 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     """
     from ...methods import method_from_name
 
-    name = _class_name(transformer_or_class)
+    name = _class_name(_check_model_arg(transformer_or_class, "recommended"))
     if name not in PRESETS:
         raise ValueError(f"no preset for {name}{_did_you_mean(name, PRESETS)}; supported: {_supported()}")
     _check_not_refused(name, PRESETS[name])
@@ -366,13 +383,17 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     else:
         entry = PRESETS[name].defaults.get(method, {"method": {}, "apply": {}})
         try:
-            config, kwargs = method_from_name(method, **entry["method"]), dict(entry["apply"])
+            # (copies: a caller's edit of a list in the answer, dense_layers=[0], changed the preset's default)
+            config, kwargs = method_from_name(method, **entry["method"]), copy.deepcopy(entry["apply"])
         except (TypeError, ValueError) as err:  # (a method whose config has no default to run: tile_strategy's file)
             raise ValueError(f"dit_accel has no recommended {method!r} setting for {name}: the method has no "
                              f"published setting or preset default here, and its config's own defaults do not run "
                              f"({err}); build the config yourself") from None
-    if hasattr(config, "fit") and not config.fit:  # the grid of the call is not known here: fit it there
-        config = config.replace(fit=True)
+    if getattr(config, "fit", True) is False:  # the grid of the call is not known here: fit it there
+        try:
+            config = config.replace(fit=True)
+        except ValueError:  # (a Tile with per-head windows or a block_size keeps its tile: it was refused here)
+            pass
     return config, kwargs
 
 
