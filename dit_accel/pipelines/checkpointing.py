@@ -18,6 +18,8 @@ from typing import List
 import torch
 from torch import nn
 
+from .context import tracing
+
 __all__ = ["KeepsCallContext", "checkpointing_modules", "keep_call_context", "restore_checkpointing"]
 
 _FUNC = "_gradient_checkpointing_func"
@@ -50,8 +52,12 @@ class _InCallContext:
 
 class KeepsCallContext:
     """``_gradient_checkpointing_func`` while dit_accel is applied: the original, given each block wrapped in its
-    call's context (eager calls with gradients; a traced call, whose plans are fixed when it is compiled, and a
-    call without gradients, which recomputes nothing, get the original as it was)."""
+    call's context (a call without gradients, which recomputes nothing, gets the original as it was).
+
+    Code that torch.compile traces runs the checkpointed block eagerly (a graph break): Dynamo cannot trace
+    dit_accel's interception inside ``torch.utils.checkpoint`` ("Unsupported HOP: side effect", which named
+    nothing of dit_accel's), and the block it handed on to the eager call was unwrapped, so with two forwards before
+    one backward the first call's blocks were recomputed under the second call's plans (wrong gradients, unsaid)."""
 
     __slots__ = ("original", "hook")
 
@@ -59,14 +65,32 @@ class KeepsCallContext:
         self.original, self.hook = original, hook
 
     def __call__(self, block, *args, **kwargs):
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return self.original(block, *args, **kwargs)
+        if tracing():
+            return _run_eagerly(self, block, args, kwargs)
         hook = self.hook
         context = hook.stack.current()
         if context is None:
             return self.original(block, *args, **kwargs)
         plans = [layer.plans.current() for layer in hook.layers]
         return self.original(_InCallContext(block, hook, context, plans), *args, **kwargs)
+
+
+_EAGER_REASON = ("dit_accel: with gradient checkpointing, each checkpointed block runs eagerly under torch.compile "
+                 "(torch.utils.checkpoint cannot trace dit_accel's attention interception). Compile the blocks "
+                 "instead (transformer.compile_repeated_blocks(fullgraph=True)), compile without fullgraph=True, or "
+                 "call transformer.disable_gradient_checkpointing()")
+
+
+def _eagerly(checkpointing: KeepsCallContext, block, args, kwargs):
+    return checkpointing(block, *args, **kwargs)
+
+
+try:  # (the reason shows in fullgraph=True's error)
+    _run_eagerly = torch.compiler.disable(_eagerly, reason=_EAGER_REASON)
+except TypeError:  # torch < 2.8: no reason
+    _run_eagerly = torch.compiler.disable(_eagerly)
 
 
 def checkpointing_modules(transformer: nn.Module) -> List[nn.Module]:

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental import symbolic_shapes
 from torch.overrides import TorchFunctionMode
 
 from ..plans.plan import Plan
@@ -118,6 +119,8 @@ class SDPAInterceptor(TorchFunctionMode):
         layer, context, runtime = self.layer, self.context, self.layer.owner.runtime
         q, k, v = call["query"], call["key"], call["value"]
         sq, sk = q.shape[-2], k.shape[-2]
+        if tracing() and _data_dependent(q, k):  # (Dynamo's raw "Could not guard on data-dependent expression")
+            return _route_eagerly(self, call)
         split = self.split
         after = context.num_after
         if after and sq == sk and sq >= context.num_video + after and q.dim() == 4:
@@ -263,6 +266,28 @@ class SDPAInterceptor(TorchFunctionMode):
                                           whole=layer.owner.preset.split_whole)
         self._count(density, q, k, v, ran=ran)
         return out
+
+
+def _data_dependent(*tensors) -> bool:
+    """Whether a traced tensor's size is known only when the code runs (an unbacked SymInt, e.g. of ``nonzero``)."""
+    unbacked = getattr(symbolic_shapes, "has_free_unbacked_symbols", None)  # (Dynamo answers it; torch >= 2.6)
+    return unbacked is not None and any(unbacked(t) for t in tensors)
+
+
+_EAGER_REASON = ("dit_accel: an attention call whose token count depends on the data (Mochi's per-sample text, "
+                 "selected by its attention mask) is routed eagerly under torch.compile: the video/text split of "
+                 "the tokens, and so the plan's call, is known only when it runs. Compile without fullgraph=True "
+                 "(the rest of the model still compiles)")
+
+
+def _eager_route(interceptor: SDPAInterceptor, call: dict):
+    return interceptor.route(call)
+
+
+try:  # (the reason shows in fullgraph=True's error)
+    _route_eagerly = torch.compiler.disable(_eager_route, reason=_EAGER_REASON)
+except TypeError:  # torch < 2.8: no reason
+    _route_eagerly = torch.compiler.disable(_eager_route)
 
 
 def _save_share(layer, context: CallContext, ring_rank: int, q, k, v, heads) -> None:

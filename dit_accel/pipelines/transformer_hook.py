@@ -37,6 +37,10 @@ def attention_modules(transformer: nn.Module, prefix: str, preset: Preset) -> Li
     cannot be wrapped (a trainable processor, a non-native Diffusers attention backend, none found)."""
     found = []
     for name, module in transformer.named_modules():
+        # A block the user wrapped in torch.compile (blocks[i] = torch.compile(blocks[i])) is named through the
+        # wrapper's _orig_mod: its layers were not found (all wrapped: "found no attention modules"; some: those
+        # ran dense, unsaid). The wrapper's graph guards on the processor, so wrapping them recompiles it.
+        name = name.replace("._orig_mod.", ".")
         if not preset.matches(name) or getattr(module, "processor", None) is None:
             continue
         original, where = module.processor, prefix + name
@@ -97,6 +101,7 @@ class TransformerHook:
         self._last = None  # (key, context, parallel config, any plan) of the last call (see _pre_forward)
         self._inert_seen: Dict[int, tuple] = {}  # layer index -> its projection's versions when read as inert
         self._grid = None  # (the preset's fingerprint, GridInfo) of the last call that had a fingerprint
+        self._phases_seen = None  # (schedule, total steps) that _warn_recompiles counted
         self.successor: Optional["TransformerHook"] = None  # the hook of the handle that replaced this one
         self._checkpointing = checkpointing_modules(transformer)  # (see .checkpointing)
 
@@ -197,10 +202,14 @@ class TransformerHook:
         if not calls:  # (the hook was added while this call ran)
             return
         self._end(calls.pop())
+        compiled = False
         for layer in self.layers:
             report = layer.report
             if report.call is not None or report.warnings:  # notes of compiled code (eager calls leave none)
+                compiled = True
                 report.flush()
+        if compiled and self._last is not None:
+            self._warn_recompiles(self._last[1].total)
 
     def _end(self, record: CallRecord) -> None:
         """Pop what ``record``'s pre-hook pushed and let the gate know the call is over."""
@@ -335,6 +344,25 @@ class TransformerHook:
             else:
                 self._inert_seen.pop(layer.index, None)
         return verdicts
+
+    def _warn_recompiles(self, total: Optional[int]) -> None:
+        """A compiled model gets one graph per schedule phase (steps whose layers all run the same methods) and
+        size; past Dynamo's recompile limit it ran eagerly from then on, unsaid (with fullgraph=True it failed
+        mid-run: FailOnRecompileLimitHit). Said once per schedule and step count, at the first compiled call."""
+        if total is None or self._phases_seen == (self.schedule, total):
+            return
+        self._phases_seen = (self.schedule, total)
+        config = torch._dynamo.config
+        limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8)
+        phases = len({tuple(self.schedule.method_for(layer.index, step, total) for layer in self.layers)
+                      for step in range(total)})
+        if phases > limit:
+            self.runtime.warnings.warn(
+                f"dit_accel: this schedule runs up to {phases} different plans over its {total} steps, and "
+                f"torch.compile builds one graph for each (per resolution), past torch._dynamo.config.recompile_limit "
+                f"({limit}): later steps run eagerly (with fullgraph=True, they fail). Raise it before the run "
+                f"(torch._dynamo.config.recompile_limit = {2 * phases}), or run this schedule uncompiled",
+                key=("compiled phases", total))
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Another schedule from the next call on (the cached call context goes with the old one)."""
