@@ -227,7 +227,7 @@ class BlockLayout:
     def derived(self) -> dict:
         """What backends derived from this layout (launch decisions, device copies, plans); RuntimeError when
         the layout's tensors were changed in place since it was built (a layout is an immutable value)."""
-        if self._stamp is not None and not tracing():
+        if not tracing() and self._stamp is not None:  # (traced: no read of _stamp, so no guard on it)
             now = self._versions()
             if now != self._stamp:
                 changed = [name for name, a, b in zip(self.TENSORS, self._stamp, now or self._stamp) if a != b]
