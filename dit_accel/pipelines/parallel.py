@@ -248,7 +248,8 @@ def check_ring_layers(transformer, preset, parallel_config) -> None:
     default = str(getattr(_AttentionBackendRegistry.get_active_backend()[0], "value", "native"))
     for name, module in transformer.named_modules():
         processor = getattr(module, "processor", None)
-        if preset.matches(name) or not hasattr(processor, "_attention_backend"):
+        # (a block wrapped in torch.compile is named through its _orig_mod, as attention_modules reads it)
+        if preset.matches(name.replace("._orig_mod.", ".")) or not hasattr(processor, "_attention_backend"):
             continue
         backend = processor._attention_backend
         backend = default if backend is None else str(getattr(backend, "value", backend))
