@@ -286,7 +286,9 @@ def text_len(args: dict) -> int:
 def split_patch(extent: int, patch: int, what: str) -> int:
     """``extent / patch`` tokens along one axis; ValueError when the latent is not a multiple of the patch."""
     if patch < 1 or extent % patch:
-        raise ValueError(f"dit_accel: latent {what} {extent} is not a multiple of the patch size {patch}")
+        raise ValueError(f"dit_accel: latent {what} {extent} is not a multiple of the patch size {patch}, so it is not "
+                         f"a whole number of tokens (the model cannot patchify it either): make the latent {what} "
+                         f"a multiple of {patch}")
     return extent // patch
 
 

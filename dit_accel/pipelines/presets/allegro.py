@@ -22,6 +22,10 @@ def _grid(model, args) -> GridInfo:
     x = video_latent(args)  # (B, C, F, H, W)
     p = model.config.patch_size
     grid = (int(x.shape[2]), split_patch(x.shape[3], p, "height"), split_patch(x.shape[4], p, "width"))
+    if grid == (1, 1, 1):  # (the model squeezes the token axis of a 1-token sequence: a bare unpacking error)
+        raise ValueError(f"dit_accel: this Allegro latent of shape {tuple(x.shape)} is one token (grid {grid}), "
+                         "which AllegroTransformer3DModel cannot run (it squeezes a 1-token sequence away, dense "
+                         f"too): give a latent of at least 2 tokens (height or width {2 * p} or more)")
     return GridInfo(grid, text_len(args))
 
 

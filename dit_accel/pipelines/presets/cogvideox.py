@@ -11,7 +11,9 @@ __all__ = ["PRESETS"]
 def _grid(model, args) -> GridInfo:
     x = video_latent(args, "(B, F, C, H, W)")  # frames before channels
     p, pt = model.config.patch_size, model.config.patch_size_t or 1
-    grid = (x.shape[1] // pt, split_patch(x.shape[3], p, "height"), split_patch(x.shape[4], p, "width"))
+    # (frames were floored: CogVideoX 1.5's 3 latent frames read as 1, refused for the kernel, not the frames)
+    grid = (split_patch(x.shape[1], pt, "frames"), split_patch(x.shape[3], p, "height"),
+            split_patch(x.shape[4], p, "width"))
     return GridInfo(grid, text_len(args))
 
 
