@@ -71,6 +71,7 @@ def _stub_enable(monkeypatch):
 
     made = []
     monkeypatch.setattr(parallel, "enable_context_parallel", lambda transformer, config: made.append(transformer))
+    monkeypatch.setattr(parallel, "check_process_group", lambda config: None)  # (no process group here)
     return made
 
 
