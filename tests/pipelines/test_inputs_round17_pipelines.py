@@ -7,13 +7,8 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 
-TILE = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 3))
-
-
-def _lora(targets):
-    from peft import LoraConfig
-
-    return LoraConfig(r=2, lora_alpha=2, target_modules=list(targets), init_lora_weights=False)
+from tests.pipelines.lora_folders import TILE, wan_lora_folder
+from tests.pipelines.lora_folders import lora_config as _lora
 
 
 def _run(model, inputs):
@@ -25,13 +20,7 @@ def _run(model, inputs):
 @pytest.fixture(scope="module")
 def lora_folder(tmp_path_factory):
     """A dit_accel weights folder for tiny Wan (seed 3) holding a LoRA of to_q and to_v."""
-    from dit_accel.checkpoints.finetuned import save_trained_weights
-
-    folder = tmp_path_factory.mktemp("round17") / "w"
-    model = T.build_tiny_transformer("wan", seed=3)
-    model.add_adapter(_lora(["to_q", "to_v"]))
-    save_trained_weights(folder, transformer=model, method=TILE, lora_config=_lora(["to_q", "to_v"]))
-    return folder
+    return wan_lora_folder(tmp_path_factory.mktemp("round17") / "w")
 
 
 def test_remove_keeps_a_lora_the_user_loaded_after_apply_with_weights(lora_folder):

@@ -11,7 +11,8 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 
-TILE = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 3))
+from tests.pipelines.lora_folders import TILE, wan_lora_folder
+from tests.pipelines.lora_folders import lora_config as _lora
 
 
 @pytest.fixture(scope="module")
@@ -92,21 +93,9 @@ def test_a_pipeline_without_any_transformer_attribute_keeps_its_message():
 
 
 # ------------------------------------------------------------------ LoRA the user changed while applied
-def _lora(targets):
-    from peft import LoraConfig
-
-    return LoraConfig(r=2, lora_alpha=2, target_modules=list(targets), init_lora_weights=False)
-
-
 @pytest.fixture(scope="module")
 def lora_folder(tmp_path_factory):
-    from dit_accel.checkpoints.finetuned import save_trained_weights
-
-    folder = tmp_path_factory.mktemp("round23") / "w"
-    model = T.build_tiny_transformer("wan", seed=3)
-    model.add_adapter(_lora(["to_q", "to_v"]))
-    save_trained_weights(folder, transformer=model, method=TILE, lora_config=_lora(["to_q", "to_v"]))
-    return folder
+    return wan_lora_folder(tmp_path_factory.mktemp("round23") / "w")
 
 
 def test_remove_after_the_user_deleted_dit_accels_adapter_gives_back_the_plain_model(lora_folder):
