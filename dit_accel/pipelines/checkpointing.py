@@ -18,7 +18,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .context import tracing
+from .context import run_eagerly, tracing
 
 __all__ = ["KeepsCallContext", "checkpointing_modules", "keep_call_context", "restore_checkpointing"]
 
@@ -87,10 +87,7 @@ def _eagerly(checkpointing: KeepsCallContext, block, args, kwargs):
     return checkpointing(block, *args, **kwargs)
 
 
-try:  # (the reason shows in fullgraph=True's error)
-    _run_eagerly = torch.compiler.disable(_eagerly, reason=_EAGER_REASON)
-except TypeError:  # torch < 2.8: no reason
-    _run_eagerly = torch.compiler.disable(_eagerly)
+_run_eagerly = run_eagerly(_eagerly, _EAGER_REASON)
 
 
 def checkpointing_modules(transformer: nn.Module) -> List[nn.Module]:

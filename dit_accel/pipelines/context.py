@@ -32,7 +32,16 @@ import torch._dynamo  # noqa: F401  (loaded with the pipelines, as before: mark_
 from ..kernels.request import tracing  # (re-exported: the one thread-local check, below the pipelines)
 
 __all__ = ["transformers_of", "CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline",
-           "lasting_tensors", "tracing"]
+           "lasting_tensors", "tracing", "run_eagerly"]
+
+
+def run_eagerly(fn, reason: str):
+    """``fn`` under ``torch.compiler.disable``: a graph break in compiled code, whose ``reason`` the error of
+    ``fullgraph=True`` shows (torch before 2.8 takes no reason)."""
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:
+        return torch.compiler.disable(fn)
 
 
 @dataclass(frozen=True)

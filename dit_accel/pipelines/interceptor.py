@@ -16,7 +16,7 @@ from torch.fx.experimental import symbolic_shapes
 from torch.overrides import TorchFunctionMode
 
 from ..plans.plan import Plan
-from .context import CallContext, lasting_tensors, tracing
+from .context import CallContext, lasting_tensors, run_eagerly, tracing
 from .parallel import Split, ring_first_says, run_split
 
 __all__ = ["SDPAInterceptor", "native_scope"]
@@ -284,10 +284,7 @@ def _eager_route(interceptor: SDPAInterceptor, call: dict):
     return interceptor.route(call)
 
 
-try:  # (the reason shows in fullgraph=True's error)
-    _route_eagerly = torch.compiler.disable(_eager_route, reason=_EAGER_REASON)
-except TypeError:  # torch < 2.8: no reason
-    _route_eagerly = torch.compiler.disable(_eager_route)
+_route_eagerly = run_eagerly(_eager_route, _EAGER_REASON)
 
 
 def _save_share(layer, context: CallContext, ring_rank: int, q, k, v, heads) -> None:
