@@ -32,8 +32,9 @@ MAX_COUNT = 2 ** 31 - 1  # the most steps, samples per micro-batch or micro-batc
 _PATHS = ("output", "data", "prompts", "eval_data")
 # Settings that may change between a run and its resumption (they do not change the trajectory). Not eval_batches:
 # the run's start and end held-out losses are over those batches, and the start was measured before the resumption.
+# (gradient checkpointing recomputes what it dropped, the same values: a run out of memory resumes with it)
 _RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
-              "progress", "plan_path"}
+              "progress", "plan_path", "gradient_checkpointing"}
 
 
 @dataclass

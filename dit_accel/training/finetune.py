@@ -310,10 +310,14 @@ def _out_of_memory(config: FinetuneConfig, err: RuntimeError) -> Optional[Traini
     more = [] if config.gradient_checkpointing else ["--gradient-checkpointing"]
     more += [] if config.mixed_precision in ("bf16", "fp16") else ["--mixed-precision bf16"]
     tried = f" (it tried to allocate {asked_text})" if asked_text else ""
+    kept = ""
+    if any((Path(config.output) / CKPT_DIR).glob("step-*")):  # (before: the --resume this invites was refused unsaid)
+        kept = (f" Its checkpoints are kept: --resume continues it with {more[0] if more else 'the same settings'};"
+                " another size starts a new run (another --output, or --overwrite).")
     return TrainingOutOfMemoryError(f"out of memory while fine-tuning{tried}: lower {' or '.join(fixes)}"
                                     + (f", or pass {' and '.join(more)}" if more else "")
                                     + " (--gradient-accumulation-steps keeps the samples per step with smaller "
-                                    "micro-batches).")
+                                    "micro-batches)." + kept)
 
 
 def _output_lock(config: FinetuneConfig, accelerator):
