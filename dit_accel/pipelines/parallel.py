@@ -200,7 +200,9 @@ class Split:
 
 
 def check_split(split: Split, num_video: int, num_text: int, plans) -> None:
-    """Refuse, before any attention, a sequence that does not split into equal whole shares."""
+    """Refuse, before any attention, a sequence that does not split into equal whole shares: on every rank, with the
+    same words (the layers' plans asked in layer order; a set of them was asked in the order of their addresses,
+    which differ between the ranks, so two ranks could refuse one call with two different messages)."""
     advice = {"video": "choose a frame count or resolution whose video token count is one",
               "text": "choose a text length (max_sequence_length) that is one"}
     for what, count in (("video", num_video), ("text", num_text)):
@@ -210,9 +212,25 @@ def check_split(split: Split, num_video: int, num_text: int, plans) -> None:
                              "use fewer ranks)")
     if split.ring > 1:
         shards = split.shards(num_video)
-        for plan in {p for p in plans if p is not None and not p.is_dense}:
+        for plan in dict.fromkeys(p for p in plans if p is not None and not p.is_dense):
             for shard in shards:
-                plan.check_part(shard)
+                try:
+                    plan.check_part(shard)
+                except ValueError as err:
+                    raise ValueError(_ring_refusal(str(err), split, num_video)) from None
+
+
+def _ring_refusal(problem: str, split: Split, num_video: int) -> str:
+    """A plan's refusal of a ring rank's share (:meth:`~dit_accel.plans.plan.Plan.check_part`), said as what it is:
+    ring context parallelism's split, with the other way out, Ulysses, which any evenly split grid takes (before: a
+    bare "tokens 0..31 ... do not fill whole blocks: split the sequence ...", which named neither)."""
+    problem = problem.removeprefix("dit_accel: ")
+    if "Ulysses" in problem:  # (VSA's says it already)
+        return f"dit_accel: {problem}"
+    return (f"dit_accel: ring context parallelism over {split.ring} ranks gives each rank {num_video // split.ring} "
+            f"of the {num_video} video tokens, and {problem}; or split by Ulysses alone (ulysses_degree="
+            f"{split.world}, ring_degree=1; --cp ulysses={split.world}), which takes any grid whose tokens split "
+            "evenly, where the model's attention heads divide by it")
 
 
 def check_per_head(schedule, parallel_config) -> None:
@@ -378,8 +396,11 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
         m_text, m_video = _split_joint(mask.reshape(mask.shape[0], 1, -1, 1), *((1, num_text) if whole else (
             split.world, text_local)), text_first)
         mask_text, mask_video = m_text.reshape(mask.shape[0], -1), m_video.reshape(mask.shape[0], -1)
-        if not bool(mask_video.all()):
-            raise ValueError("a key-padding mask on video tokens is not supported under context parallelism")
+        if not bool(mask_video.all()):  # (the same gathered mask on every rank: all refuse alike)
+            hidden = int((~mask_video).sum())
+            raise ValueError(f"dit_accel: this call's key-padding mask hides {hidden} video key(s) (over the batch), "
+                             "which context parallelism does not place (it masks text keys only): pass a mask over "
+                             "the text tokens alone, or run this call without context parallelism")
     if plan is None or plan.is_dense:  # one SDPA over the whole sequence in the model's order, as without splitting
         order = [(a, b) if text_first else (b, a) for a, b in ((tq, vq), (tk, vk), (tv, vv))]
         keys_mask = None if mask is None else torch.cat([mask_text, mask_video] if text_first else
