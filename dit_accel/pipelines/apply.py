@@ -108,7 +108,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
             ``transformer_2``, for MiniMax-H3 ``transformer_ref``, for Ideogram 4 ``unconditional_transformer``, are
             wrapped) or a transformer of a supported class
             (:data:`dit_accel.pipelines.presets.PRESETS`, or one registered with
-            :func:`dit_accel.register_preset`).
+            :func:`dit_accel.register_preset`); a compiled or DDP one: the module it wraps (``handle.transformer``).
         method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)``, ``SLA(...)``, any
             registered method config, or a :class:`dit_accel.SparsePlan` (a method per step, layer and head,
             e.g. from ``dit-accel calibrate``).

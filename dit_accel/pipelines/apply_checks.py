@@ -106,11 +106,26 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
                                  f"into the pipeline first (pipe.{empty[0]} = ...), or pass the transformer module")
             raise TypeError(f"apply() needs a Diffusers pipeline with a `transformer` or a transformer module; "
                             f"got {type(obj).__name__}")
-    for _, module in found:
-        if hasattr(module, "_orig_mod"):  # torch.compile wrapper: the graph would not see the new processors
-            raise ValueError("apply() got a torch.compile'd transformer (OptimizedModule); apply dit_accel to the "
-                             "uncompiled module (transformer._orig_mod) instead")
-    return found, pipe
+    # torch.compile's wrapper (pipe.transformer = torch.compile(pipe.transformer), called or not): dit_accel goes on
+    # the module it compiles, and the wrapper stays where the user put it. Dynamo guards on the processors and
+    # hooks the graph read, so a graph built before apply() is not run after it: the next call recompiles (and
+    # after remove() the first graph runs again). Before: refused, "apply to transformer._orig_mod instead".
+    # DistributedDataParallel (accelerate's prepare()) calls the module it wraps, so dit_accel goes on that one too
+    # (before: "does not support transformer class DistributedDataParallel; supported: ..." of a Wan model).
+    unwrapped: List[Tuple[str, nn.Module]] = []
+    for prefix, module in found:
+        inner = module
+        while isinstance(inner, nn.Module):
+            module = inner
+            inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else \
+                getattr(module, "_orig_mod", None)
+        if isinstance(module, nn.DataParallel):  # (its replicas, one per GPU and call, share the hooks: unchecked)
+            raise ValueError(f"apply() got a DataParallel around {type(module.module).__name__}: dit_accel does not "
+                             "run under its per-call replicas. Apply it to the module (model.module) and run that on "
+                             "one GPU, or use DistributedDataParallel (one process per GPU)")
+        if not any(module is m for _, m in unwrapped):  # (transformer_2 = torch.compile(transformer): once)
+            unwrapped.append((prefix, module))
+    return unwrapped, pipe
 
 
 def refuse_foreign_adapter(folder, transformers, handles) -> None:
