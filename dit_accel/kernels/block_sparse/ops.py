@@ -84,6 +84,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, *layout_tensors)
 
 
+@kernel_backward("block-sparse attention's Triton kernel")  # (as _EagerBlockSparse's: unmarked, the op's gradient
+# under create_graph=True failed in torch with "no autograd formula was registered" for block_sparse_bwd)
 def _backward(ctx, grad_o, grad_lse):
     q, k, v, o, lse, *layout_tensors = ctx.saved_tensors
     q_len, kv_len, block_q, block_k, scale = ctx.geometry

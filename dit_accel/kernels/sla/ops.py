@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..._util import cdiv as _cdiv
 from .. import selfcheck
-from ..request import records_grad
+from ..request import kernel_backward, records_grad
 from .common import (FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, classify_pooled,
                      rounded_features, sla_block_counts)
 
@@ -162,6 +162,8 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q)
 
 
+@kernel_backward("SLA's fused Triton kernel")  # (unmarked, a create_graph=True gradient failed in torch: "Trying
+# to backward through dit_accel.sla_bwd.default but no autograd formula was registered", naming no way out)
 def _backward(ctx, do, dlse, dol, dden):
     """The forward's gradients. What it materialises: ``dnum`` / ``dden`` from ``o_l`` and ``den``; and, where the
     glue kernels do not run (:func:`~.glue.glue_runs`), phi(q), phi(k) rounded (the kernels' operands) and, with the
