@@ -102,6 +102,7 @@ class TransformerHook:
         self._inert_seen: Dict[int, tuple] = {}  # layer index -> its projection's versions when read as inert
         self._grid = None  # (the preset's fingerprint, GridInfo) of the last call that had a fingerprint
         self._phases_seen = None  # (schedule, total steps) that _warn_recompiles counted
+        self._splits_seen = None  # (schedule, grid, total steps, ring, world) that _check_later_splits checked
         self.successor: Optional["TransformerHook"] = None  # the hook of the handle that replaced this one
         self._checkpointing = checkpointing_modules(transformer)  # (see .checkpointing)
 
@@ -377,8 +378,9 @@ class TransformerHook:
         split = Split.of(parallel)
         plans = tuple(self._plan(layer, step, total, info.grid, split) for layer in self.layers)
         if split is not None:
-            check_split(split, math.prod(info.grid), info.num_text if self.preset.text_position != "none" else 0,
-                        plans)
+            num_text = info.num_text if self.preset.text_position != "none" else 0
+            check_split(split, math.prod(info.grid), num_text, plans)
+            self._check_later_splits(split, info.grid, num_text, total)
         schedule = self.schedule
         if schedule.sparse and total is not None and schedule.dense_steps + schedule.dense_last_steps >= total:
             self.runtime.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
@@ -392,6 +394,17 @@ class TransformerHook:
             for plan in {id(p): p for p in plans if p is not None}.values():
                 plan.prepare(device, self.runtime.backend)
         return CallContext(tuple(info.grid), info.num_text, step, total, plans, additive_ok, info.num_after)
+
+    def _check_later_splits(self, split: Split, grid, num_text: int, total: Optional[int]) -> None:
+        """Refuse, at a run's first call, a ring split that a later step's plans cannot take (before: refused at
+        the first sparse step, after ``dense_steps`` or a plan's dense phase had run). Once per schedule, grid and
+        step count."""
+        seen = (self.schedule, tuple(grid), total, split.ring, split.world)
+        if split.ring == 1 or total is None or self._splits_seen == seen:
+            return
+        check_split(split, math.prod(grid), num_text, [self._plan(layer, step, total, grid, split)
+                                                       for step in range(total) for layer in self.layers])
+        self._splits_seen = seen
 
     def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid,
               split: Optional[Split]) -> Optional[Plan]:

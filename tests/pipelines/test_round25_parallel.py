@@ -132,3 +132,17 @@ def test_a_split_that_cannot_run_is_refused_alike_on_both_ranks_without_a_hang(r
     assert isinstance(said[0], str) and said[0] == said[1], said
     assert words in said[0], said[0]
     assert all(result[key + "#ranks"] == 2.0 for result in ranks)  # both ranks went on to the next case
+
+
+def test_a_ring_split_a_later_steps_plans_cannot_take_is_refused_at_the_first_call():
+    """Before: with dense_steps=1, Tile(1, 4, 4) on a 2x8x8 grid under ring 2 ran its dense first step and was refused
+    only at the second step (each call checked its own step's plans). (A hook asked directly: no collectives.)"""
+    from dit_accel.models import tiny as T
+
+    model = T.build_tiny_transformer("wan")
+    with dit_accel.apply(model, dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)), dense_steps=1) as handle:
+        hook = handle._hooks[0]
+        hook._check_later_splits(RING2, (2, 8, 8), 0, None)  # the step count unknown: each call checks its own
+        with pytest.raises(ValueError, match="ring context parallelism over 2 ranks gives each rank 64 of the 128"):
+            hook._check_later_splits(RING2, (2, 8, 8), 0, 2)
+        hook._check_later_splits(RING2, (8, 8, 8), 0, 2)  # whole blocks at every step: taken
