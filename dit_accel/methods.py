@@ -427,10 +427,10 @@ class Tile(Method):
         if tile_covers_grid(grid, self.tile, self.window):
             return DensePlan(self, tuple(grid), f"the window covers the whole grid {tuple(grid)}; a smaller window "
                                                 "(or tile) makes it sparse")
-        if self.fit and self.block_size is None and per_head(self.window) is None:
-            plan = self._fitted_plan(grid)
-            if plan is not None:
-                return plan
+        fitted = self.fitted(grid)
+        if fitted is not None:  # in packed tile order: every block full or a key tile's ragged last block
+            runs = self.replace(tile=fitted[0], window=fitted[1], fit=False)
+            return runs.plan(grid) if tile_covers_grid(grid, *fitted) else runs._packed_plan(grid, *fitted)
         # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile. An explicit block_size
         # must be a box inside the STA tile, so that every block is one whole piece of a tile (no element masks): a
         # frame of 12 x 12 tokens runs as blocks of 144 (or 48), which only the PyTorch backend takes.
@@ -460,17 +460,17 @@ class Tile(Method):
         return LayoutPlan(self, perm.grid, layout, perm, token_density=tile_token_density(grid, tile, window),
                           wide_q=True)
 
-    def _fitted_plan(self, grid):
-        """The plan of :func:`~dit_accel.patterns.tile.fit_tile`'s tile and window on ``grid`` in packed tile order
-        (every block full or a key tile's ragged last block), or None when the setting's own tile already divides
-        the grid into whole blocks (the plain plan is the same)."""
+    def fitted(self, grid) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+        """``(tile, window)`` that ``fit=True`` runs on ``grid`` (:func:`~dit_accel.patterns.tile.fit_tile`), or None
+        where the setting runs as given: no ``fit``, an explicit ``block_size``, a window over the whole grid, or a
+        tile that already divides the grid into whole blocks. :meth:`plan` and ``dit-accel info`` both read it."""
         from .patterns.tile import fit_tile, tile_covers_grid
 
-        tile, window = fit_tile(grid, self.tile, self.window)
-        if tile == per_dim("tile", self.tile, len(tile)):  # (tile=5 kept, as (5, 5): not re-run as packed tiles)
+        if not self.fit or self.block_size is not None or per_head(self.window) is not None \
+                or tile_covers_grid(grid, self.tile, self.window):
             return None
-        fitted = self.replace(tile=tile, window=window, fit=False)
-        return fitted.plan(grid) if tile_covers_grid(grid, tile, window) else fitted._packed_plan(grid, tile, window)
+        tile, window = fit_tile(grid, self.tile, self.window)
+        return None if tile == per_dim("tile", self.tile, len(tile)) else (tile, window)  # (tile=5 kept as (5, 5))
 
     def _at_density(self, grid, density, *, tile=None):
         """The Tile whose window visits the block density nearest ``density`` on ``grid``.

@@ -152,14 +152,9 @@ def _runs_as(method, grid):
     if not getattr(method, "fit", False):
         return None
     given = method.ran_dict()
-    if method.name == "tile":
-        from ..patterns.checks import per_dim
-        from ..patterns.tile import fit_tile, tile_covers_grid
-
-        if tile_covers_grid(grid, method.tile, method.window):  # (as Tile.plan: dense, the setting's own)
-            return None
-        tile, window = fit_tile(grid, method.tile, method.window)  # (both: the window is in tiles)
-        return None if tile == per_dim("tile", method.tile, len(grid)) else {"tile": tile, "window": window}
+    if method.name == "tile":  # (the choice Tile.plan makes, read from it: no second copy of its rule)
+        fitted = method.fitted(grid)
+        return None if fitted is None else {"tile": fitted[0], "window": fitted[1]}
     from ..pipelines.handle import _as_ran
 
     return {k: v for k, v in _as_ran(method, grid).items() if given.get(k) != v} or None

@@ -56,7 +56,7 @@ def pattern_mask(method, grid: Tuple[int, ...]) -> torch.Tensor:
 
     check_pattern_method(method)
     grid = tuple(int(g) for g in grid)
-    # fit=True: the pattern its plan runs on this grid (Tile._fitted_plan's tile and window, GNA's kernels clamped
+    # fit=True: the pattern its plan runs on this grid (Tile.fitted's tile and window, GNA's kernels clamped
     # to the grid), not the one given: the term measured another pattern's mass, or refused a GNA kernel it runs.
     if isinstance(method, Tile):
         tile, window = method.tile, method.window

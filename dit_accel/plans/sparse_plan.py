@@ -110,7 +110,7 @@ def _phase(r: _Fields, where: str, data, num_layers: Optional[int], num_heads: O
 
 
 def _tile_as_run(tile: Tile, grid) -> Tile:
-    """``tile`` as a strategy writes it: a ``fit=True`` one re-tiles at plan time (:meth:`Tile._fitted_plan`), so
+    """``tile`` as a strategy writes it: a ``fit=True`` one re-tiles at plan time (:meth:`Tile.fitted`), so
     its windows as set are written only where they attend what the fitted tile does on ``grid`` (STA is a product
     of one relation per dimension); ValueError otherwise (a FastVideo strategy holds windows only: written as set,
     they ran another pattern, silently)."""
