@@ -55,7 +55,8 @@ from ..plans.per_head import PerHead
 from ..plans.plan_json import _tuples
 from ..plans.sparse_plan import PlanMethod, SparsePlan
 from .lora_checks import (check_float_weights, check_lora_coverage, check_lora_modules, check_lora_pairs,
-                          check_lora_scales, injection_state, lora_module_name, undo_injection)
+                          check_lora_not_merged, check_lora_scales, injection_state, lora_module_name, lora_sketch,
+                          undo_injection)
 from .vsa_gates import finish_saved_set
 
 __all__ = [
@@ -135,7 +136,8 @@ def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, 
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
         targets = lora_config.target_modules
         info["lora"] = {"rank": lora_config.r, "alpha": lora_config.lora_alpha,
-                        "target_modules": sorted(targets) if not isinstance(targets, str) else targets}
+                        "target_modules": sorted(targets) if not isinstance(targets, str) else targets,
+                        "sketch": lora_sketch(transformer, adapter_name)}  # (check_lora_not_merged reads it)
 
     def write_tensors(staging: Path) -> None:
         if lora_config is not None:
@@ -475,6 +477,9 @@ def _checked_folder(handle, folder: Path):
         loaded = loaded_lora_adapter(handle.transformer, folder, lora[0])
         if loaded is not None:
             lora = None  # pipe.load_lora_weights(folder) loaded it: only the SLA projections remain to load
+        else:  # (before: fused by Diffusers and unloaded, it loaded again and counted twice)
+            check_lora_not_merged(handle.transformer, folder, isinstance(info.get("lora"), dict)
+                                  and info["lora"].get("sketch"))
     sla = None
     projections = handle.sla_projections() if hasattr(handle, "sla_projections") else {}
     if saved.get("method") == "sla" or projections:

@@ -20,7 +20,8 @@ from ..atomic_files import BadFileError
 
 __all__ = ["check_float_weights", "lora_module_name", "kohya_alpha", "kohya_alpha_problem", "check_lora_modules",
            "check_lora_coverage", "lacking_lora", "check_lora_covers", "lora_ranks",
-           "check_lora_pairs", "injection_state", "undo_injection", "check_lora_scales"]
+           "check_lora_pairs", "injection_state", "undo_injection", "check_lora_scales", "lora_sketch",
+           "check_lora_not_merged"]
 
 # float64 loads too (cast like the others), though no trainer of ours writes it
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -311,3 +312,61 @@ def undo_injection(transformer: nn.Module, adapter: str, before: dict) -> None:
     for p in transformer.parameters():
         if id(p) in before["grad"]:
             p.requires_grad_(before["grad"][id(p)])
+
+
+_SKETCHED = 4  # LoRA modules whose base weight lora_sketch records (a few are enough to tell a merge)
+
+
+def _sketch(weight: torch.Tensor) -> float:
+    """``u @ W @ v`` for fixed random ``u``, ``v`` (seeded by the shape alone): one number that moves by the LoRA's
+    own ``u @ dW @ v`` when the LoRA is merged into ``W``."""
+    w = weight.detach().float()
+    g = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(n, generator=g, dtype=torch.float64).to(w.device, torch.float32) for n in w.shape)
+    return float(u @ (w @ v))
+
+
+def lora_sketch(transformer: nn.Module, adapter: str) -> Dict[str, List[float]]:
+    """``{module: [sketch of its base weight, sketch of the LoRA's delta]}`` for the first few Linear layers the
+    peft ``adapter`` wraps: what :func:`check_lora_not_merged` compares, so a LoRA already merged into the model's
+    weights (Diffusers' ``fuse_lora`` then ``unload_lora_weights``) is not loaded a second time."""
+    from peft.tuners.lora import LoraLayer
+
+    out: Dict[str, List[float]] = {}
+    for name, module in sorted(transformer.named_modules(), key=lambda item: item[0]):
+        base = getattr(module, "base_layer", None)
+        if (isinstance(module, LoraLayer) and adapter in module.lora_A and isinstance(base, nn.Linear)
+                and not getattr(module, "merged", False)):
+            out[name] = [_sketch(base.weight), _sketch(module.get_delta_weight(adapter))]
+            if len(out) == _SKETCHED:
+                break
+    return out
+
+
+def check_lora_not_merged(transformer: nn.Module, folder, sketch) -> None:
+    """ValueError naming ``folder`` when the model's weights hold its LoRA already: the sketches of the weights
+    :func:`lora_sketch` recorded at training sit far nearer ``base + delta`` than ``base`` (a LoRA fused by
+    Diffusers and unloaded, then loaded again by ``apply(weights=)``, counted twice, without a word). Another base
+    model (near neither) and a folder without a sketch pass: the check only refuses what it can tell."""
+    if not isinstance(sketch, dict):
+        return
+    near_base = near_merged = 0.0
+    for name, pair in sketch.items():
+        try:
+            module = transformer.get_submodule(name)
+        except AttributeError:
+            continue
+        module = getattr(module, "base_layer", module)
+        ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)
+        if not ok or not isinstance(module, nn.Linear) or module.weight.device.type == "meta":
+            continue
+        now = _sketch(module.weight)
+        near_base += (now - pair[0]) ** 2
+        near_merged += (now - pair[0] - pair[1]) ** 2
+    if near_base > 0 and near_merged < 0.01 * near_base:
+        raise ValueError(
+            f"weights={str(folder)!r}: its LoRA is already merged into this {type(transformer).__name__}'s weights "
+            "(pipe.load_lora_weights(DIR), pipe.fuse_lora(), then pipe.unload_lora_weights()), so loading it again "
+            "would count it twice. Apply the weights to the model without it (load the model again, or "
+            "pipe.unfuse_lora() before unloading): apply(weights=DIR) loads the LoRA itself, and handle.fuse_lora() "
+            "then fuses it.")
