@@ -3,16 +3,9 @@
 import pytest
 
 from dit_accel.training import finetune, loop
-from tests.training import PROMPTS, tiny_config
+from tests.training import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    p = tmp_path / "prompts.txt"
-    p.write_text("\n".join(PROMPTS) + "\n")
-    return p
 
 
 def test_out_of_memory_after_a_checkpoint_says_how_to_resume_and_the_resume_takes_checkpointing(
