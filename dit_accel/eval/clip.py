@@ -51,6 +51,7 @@ class ClipScorer:
     @torch.no_grad()
     def per_frame(self, frames, prompt: str) -> torch.Tensor:
         """Score of every frame, ``[F]``."""
+        _check_prompt(prompt, "prompt")
         x = _clip_view(to_frames(frames).to(self.device), self.image_size)
         mean = torch.tensor(_MEAN, device=self.device)[:, None, None]
         std = torch.tensor(_STD, device=self.device)[:, None, None]
@@ -69,12 +70,27 @@ class ClipScorer:
 
     def score_many(self, videos: Sequence, prompts: Sequence[str]) -> float:
         """Mean score over all frames of all videos (one prompt per video)."""
+        if isinstance(prompts, str):  # (list() made "a cat" the prompts "a", " ", "c", ... scored without a word)
+            raise ValueError(f"prompts={prompts!r:.60} is one text: score_many takes one prompt per video, e.g. "
+                             f"[{prompts!r:.40}] * len(videos); score one video with scorer(frames, prompt)")
         videos, prompts = list(videos), list(prompts)
+        for i, prompt in enumerate(prompts):
+            _check_prompt(prompt, f"prompts[{i}]")
         if len(videos) != len(prompts) or not videos:  # (zip would drop the unmatched videos from the mean)
             raise ValueError(f"score_many needs one prompt per video (and at least one video); got {len(videos)} "
                              f"videos and {len(prompts)} prompts")
         scores = [self.per_frame(v, p) for v, p in zip(videos, prompts)]
         return float(torch.cat(scores).mean())
+
+
+def _check_prompt(prompt, name: str) -> None:
+    """``prompt`` a non-blank text; ValueError naming ``name``. Before: a list of prompts scored 0.0 against one
+    video without a word, None was the tokenizer's error about pretokenized batches, and "" a reshape error."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        many = " (for several videos, one prompt each: score_many(videos, prompts))" \
+            if isinstance(prompt, (list, tuple)) else ""
+        raise ValueError(f"{name}={prompt!r:.60} is invalid: the CLIP score compares frames with one text, the "
+                         f"prompt they were generated from (a non-empty str){many}")
 
 
 def _clip_view(x: torch.Tensor, size: int) -> torch.Tensor:

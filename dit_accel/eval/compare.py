@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List
 
@@ -81,10 +82,19 @@ def _rows_problem(rows: list) -> str:
                 and not isinstance(s.get("seed"), bool) for s in samples):
             return f"row {row['label']!r} has samples without a prompt and an integer seed"
         for sample in samples:
+            truth = sample.get("groundtruth_ok")  # (was float()'s or .get's error, naming no row)
+            ok = truth.get("all_ok") if isinstance(truth, dict) else None
+            if truth is not None and not (isinstance(truth, dict) and (ok is None or isinstance(ok, bool))):
+                return (f"row {row['label']!r} has a groundtruth_ok of {truth!r:.60}, not a dict whose all_ok is "
+                        "true, false or null")
+            # (json reads Infinity: summarize refused it as "values[1] is inf", naming no row or file)
             bad = [key for key, _, _ in METRICS if key != "groundtruth" and sample.get(key) is not None
-                   and (isinstance(sample[key], bool) or not isinstance(sample[key], (int, float)))]
+                   and (isinstance(sample[key], bool) or not isinstance(sample[key], (int, float))
+                        or math.isinf(sample[key]))]
             if bad:
-                return f"row {row['label']!r} has a {bad[0]} of {sample[bad[0]]!r}, not a number"
+                finite = "finite " if isinstance(sample[bad[0]], float) else ""
+                return (f"row {row['label']!r} has a {bad[0]} of {sample[bad[0]]!r}, not a {finite}number (prompt "
+                        f"{sample['prompt']!r:.40}, seed {sample['seed']}; null for a missing one)")
     return ""
 
 
@@ -112,8 +122,8 @@ def _values(row: dict, key: str) -> dict:
             value = (s.get("groundtruth_ok") or {}).get("all_ok")
         else:
             value = s.get(key)
-        if value is not None:
-            out[(s["prompt"], int(s["seed"]))] = float(value)
+        if value is not None and not math.isnan(value):  # (a NaN, as None, is a missing sample: kept, it made A's
+            out[(s["prompt"], int(s["seed"]))] = float(value)  # mean NaN, B's over a pair that B - A left out)
     return out
 
 

@@ -40,7 +40,7 @@ from ..models.tiny_shapes import shapes_model
 from .metrics import mean_or_none, paired_metrics
 from .runner_checks import RESERVED_LABELS, check_apply_options as _check_apply_options, check_dense_shapes, \
     check_run_arguments, read_config as _read_config
-from .timing import StageTimer, median_times, timing_device
+from .timing import StageTimer, median_times, times_problem, timing_device
 
 __all__ = ["EvalSettings", "generation_kwargs", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key",
            "model_fingerprint", "APPLY_KEYS"]
@@ -280,6 +280,8 @@ def _read_dense_entry(path: Path):
             or not isinstance(times, dict):
         raise BadFileError(path, f"holds frames {frames.dtype} {tuple(frames.shape)} and times "
                                  f"{type(times).__name__}", expected)
+    if times_problem(times):  # (else median_times' error, or a None or NaN time in the speedups, after every row)
+        raise BadFileError(path, f"holds {times_problem(times)}", expected)
     return frames, times, cold
 
 

@@ -309,6 +309,8 @@ def analyse(rows: List[dict], *, seed: int = 0) -> None:
     """
     dense = rows[0]
     scored = [r for r in rows[1:] if r.get("samples")]
+    for r in scored:
+        _check_aligned(r, dense)
     floors = [r for r in scored if r.get("floor")]
     backend_floor = next((r for r in floors if r["floor"] == "backend"), None)
     methods = [r for r in scored if not r.get("floor")]
@@ -335,6 +337,20 @@ def analyse(rows: List[dict], *, seed: int = 0) -> None:
                     r.setdefault("tests", {})[key] = {"against": others[0]["label"], **test}
             r.setdefault("verdict", {})[key] = _verdict(summary, kind, direction, reach, values[id(r)],
                                                         values.get(id(backend_floor)) if backend_floor else None)
+
+
+def _check_aligned(row: dict, dense: dict) -> None:
+    """Sample i of ``row`` and of ``dense`` from one (prompt, seed): the statistics pair them by position.
+    ValueError naming the row and sample; before, rows whose samples were in another order (merged, sorted or cut
+    results) were paired prompt against another prompt, and every difference and verdict was wrong."""
+    keys = [[(s.get("prompt"), s.get("seed")) for s in r.get("samples") or []] for r in (row, dense)]
+    if keys[0] == keys[1]:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(*keys)) if a != b), min(map(len, keys)))
+    found = (f"its sample {i} is (prompt, seed) {keys[0][i]!r:.80}, dense's {keys[1][i]!r:.80}"
+             if i < min(map(len, keys)) else f"it has {len(keys[0])} samples, dense {len(keys[1])}")
+    raise ValueError(f"analyse: row {row.get('label')!r} is not paired with dense ({found}); give every row the "
+                     "samples of rows[0] in its order (sort each row's samples by dense's prompt and seed)")
 
 
 def _verdict(summary: dict, kind: str, direction: int, reach, values, floor_values) -> str:

@@ -33,7 +33,8 @@ import torch
 
 from .._util import cuda_event
 
-__all__ = ["StageTimer", "median_times", "CallTiming", "CallTimer", "CudaCallTimer", "CpuCallTimer", "measure_call"]
+__all__ = ["StageTimer", "median_times", "times_problem", "CallTiming", "CallTimer", "CudaCallTimer", "CpuCallTimer",
+           "measure_call"]
 
 _TRANSFORMERS = ("transformer", "transformer_2")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -134,8 +135,14 @@ class StageTimer:
         return len(self._spans.get(stage, ()))
 
     def stop(self) -> Dict[str, float]:
-        """Seconds per stage for the run since :meth:`start` (``total`` = end to end)."""
+        """Seconds per stage for the run since :meth:`start` (``total`` = end to end). Each run is one
+        :meth:`start` and one ``stop``: RuntimeError otherwise (a second ``stop`` added another span to ``total``,
+        so a run of 0.05 s read 0.15 s; one without ``start`` was a TypeError about NoneType)."""
+        if self._t0 is None:
+            raise RuntimeError("StageTimer.stop() without a run to stop: call timer.start() before each timed "
+                               "pipeline call, then stop() once after it")
         self._end("total", self._t0)
+        self._t0 = None
         if self.cuda:
             torch.cuda.synchronize(self.device)
         out = {"total": 0.0, "transformer": 0.0, "vae_decode": 0.0, "text_encoder": 0.0}
@@ -161,10 +168,29 @@ def timing_device(device) -> str:
     return f"{device.type}:{platform.machine()}:{os.cpu_count()}"
 
 
+def times_problem(times) -> Optional[str]:
+    """What makes ``times`` no :meth:`StageTimer.stop` result (a dict of stage -> finite seconds >= 0, with
+    ``total``), or None."""
+    from .._util import is_number
+
+    if not isinstance(times, dict) or "total" not in times:
+        return f"times {str(times)[:80]} are not a dict of seconds per stage with a 'total'"
+    bad = next((k for k, v in times.items() if not (is_number(v) and 0 <= v < float("inf"))), None)
+    return None if bad is None else f"times[{bad!r}] is {times[bad]!r}, not a finite number of seconds >= 0"
+
+
 def median_times(runs: List[Dict[str, float]]) -> Optional[Dict[str, float]]:
-    """Median over repeated runs, per stage (``None`` without runs)."""
+    """Median over repeated runs, per stage (``None`` without runs). ValueError naming the run when one is no
+    :meth:`StageTimer.stop` result or lacks a stage the first has (before: a KeyError, a TypeError for a None, and
+    a NaN sorted into the median without a word)."""
     if not runs:
         return None
+    for i, run in enumerate(runs):
+        problem = times_problem(run) or next((f"it has no {k!r} time, which run 0 has" for k in runs[0]
+                                              if k not in run), None)
+        if problem:
+            raise ValueError(f"median_times: run {i} of {len(runs)}: {problem}; pass the dicts StageTimer.stop() "
+                             "returned, one per timed run of the same stages")
     return {k: float(statistics.median(r[k] for r in runs)) for k in runs[0]}
 
 
@@ -264,7 +290,14 @@ def measure_call(fn: Callable[[], object], timer: CallTimer, *, calls: int = 10,
                  graph: bool = True) -> CallTiming:
     """Time ``fn`` as :class:`CallTiming` describes: ``repeats`` idle-device single calls (median), then
     the median of ``repeats`` spans of ``calls`` back-to-back calls, then (``graph``) a graph replay.
-    The caller warms ``fn`` up first. A failure of the graph capture is a note, not an error."""
+    The caller warms ``fn`` up first. A failure of the graph capture is a note, not an error. ``calls`` and
+    ``repeats`` are integers >= 1: ValueError naming them (before: ZeroDivisionError, "no median for empty data")."""
+    from .._util import is_int
+
+    for name, value in (("calls", calls), ("repeats", repeats)):
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"measure_call: {name}={value!r} is invalid: an integer >= 1 (calls: back-to-back calls "
+                             "per span; repeats: the spans whose median is taken)")
     result = CallTiming(calls=calls)
     single = []
     for _ in range(repeats):
