@@ -100,6 +100,17 @@ def check_candidate_tile(tile: Optional[Sequence[int]], grid: Optional[Sequence[
     return tile
 
 
+def _method_names(methods) -> Tuple[str, ...]:
+    """``methods`` as a tuple of names; one str is a comma list, as ``--methods`` takes (before: ``methods="tile"``
+    was read letter by letter, "methods ['e', 'i', 'l', 't'] cannot be calibrated")."""
+    if isinstance(methods, str):
+        return tuple(m.strip() for m in methods.split(",") if m.strip())
+    if not hasattr(methods, "__iter__") or not all(isinstance(m, str) for m in methods):
+        raise TypeError(f"methods={methods!r} is invalid: method names such as ('tile', 'sla') or 'tile,sla'; "
+                        f"choose from {', '.join(CALIBRATABLE)}")
+    return tuple(methods)
+
+
 def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Sequence[str] = METHODS,
                    max_density: float = 0.9, tile: Optional[Sequence[int]] = None) -> List[Candidate]:
     """Dense plus the candidates of ``methods`` on ``grid`` (see the module docstring), dense first.
@@ -116,12 +127,16 @@ def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Seque
     """
     from ..patterns.permutation import TilePermutation, default_tile
 
+    from ..patterns.checks import as_grid, number_in
+
     if size not in GRIDS:
         raise ValueError(f"size={size!r} is invalid: choose one of {GRIDS}")
+    methods = _method_names(methods)
     unknown = sorted(set(methods) - set(CALIBRATABLE))
     if unknown:
         raise ValueError(f"methods {unknown} cannot be calibrated; choose from {', '.join(CALIBRATABLE)}")
-    grid = tuple(int(g) for g in grid)
+    grid = as_grid(grid)  # (before: int() of each size, so a grid of 4.5 frames was scored as 4)
+    number_in("max_density", max_density, 0.0, 1.0, lo_open=True)  # (before: 0 gave dense alone, without a word)
     tile = check_candidate_tile(tile, grid)
     out = [Candidate(Dense(), "dense", 1.0)]
     seen = set()
@@ -186,6 +201,7 @@ def sparse_candidates(grid: Sequence[int], *, size: str = "default", methods: Se
                       tile: Optional[Sequence[int]] = None, log: Callable[[str], None] = print) -> List[Candidate]:
     """:func:`candidate_grid`, with a note to ``log`` when it holds dense alone: the plan can then only be dense
     (before, a calibration ran its search to a dense plan and wrote it, saying nothing of why)."""
+    methods = _method_names(methods)
     out = candidate_grid(grid, size=size, methods=methods, tile=tile)
     tokens = math.prod(int(g) for g in grid)
     # (before: Radial was dropped above MAX_CONVERTED_TOKENS without a word, and --methods radial alone was told to

@@ -43,9 +43,12 @@ class CostModel:
     TERMS = ("full", "no-launch", "tiles")
 
     def __init__(self, grid, head_dim: int, *, arch: str = "h100", kernel: str = "current", terms: str = "full"):
+        from ..patterns.checks import as_grid, positive_int
+
         if terms not in self.TERMS:
             raise ValueError(f"terms={terms!r} is invalid: choose one of {', '.join(self.TERMS)}")
-        self.grid, self.head_dim, self.arch, self.kernel = tuple(grid), int(head_dim), arch, kernel
+        # (before: int() of the head dimension, so 0 priced every head as free and 32.7 as 32)
+        self.grid, self.head_dim, self.arch, self.kernel = as_grid(grid), positive_int("head_dim", head_dim), arch, kernel
         self.terms = terms
         self.launch_overhead = terms == "full"
         self.constants = kernel_cost.constants(arch, kernel)

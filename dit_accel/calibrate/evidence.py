@@ -34,6 +34,21 @@ def _uniform_cost(space, cand, warmup: int, steps: int, calls: int) -> float:
     return warmup * space.dense_layer_cost * space.layers * calls + (steps - warmup) * step
 
 
+#: The settings ``calibrate`` fills in from the model's defaults where they were left unset.
+_RESOLVED = ("frames", "height", "width", "steps", "guidance_scale", "max_sequence_length")
+
+
+def _as_calibrated(settings, result: dict):
+    """``settings`` with the size, steps and text settings the calibration ran with (``result["settings"]``):
+    ``calibrate`` fills the model's defaults into a copy of its settings, so the held-out runs read them here
+    (before: unset ``--steps`` priced the uniform rows over ``None`` steps, a TypeError after the calibration, and
+    the held-out videos were made at the pipeline's own size and steps, not the plan's)."""
+    import dataclasses
+
+    ran = result["settings"]
+    return dataclasses.replace(settings, **{k: ran[k] for k in _RESOLVED if k in ran})
+
+
 def _parser() -> argparse.ArgumentParser:
     from .run import add_quality_options
 
@@ -140,6 +155,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = calibrate(settings, out / "plan.json", report_dir=out / "report", progress=False)
     calibrate_s = time.perf_counter() - t0
+    settings = _as_calibrated(settings, result)
     plan = dit_accel.SparsePlan.load(out / "plan.json")
     # The search space again, to price the uniform rows exactly as the search priced the plan.
     grid = tuple(result["settings"]["grid"])

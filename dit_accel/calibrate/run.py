@@ -739,6 +739,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         calls_per_step = dense.passes_per_step or (2 if (settings.guidance_scale or 0) > 1 else 1)
         verify = _Verifier(pipe, settings, jobs, dense, call_kwargs, bar, calls_per_step)
         best, trace, weights = _search(pipe, settings, space, verify, jobs, dense, call_kwargs, bar, seconds)
+        space.bound_note(settings.max_layer_error, log)  # (the layers no candidate fits under it: dense, said)
         seconds["search and verification"] = time.perf_counter() - t - seconds.get("sensitivity probes", 0.0)
         # 5. validation: the chosen plan on videos the search never saw; else the next denser passing plan
         validation = None

@@ -32,8 +32,13 @@ def step_buckets(steps: int, phases: int, warmup: Sequence[int] = (), cooldown: 
 
         step_buckets(12, 3, warmup=(1, 2), cooldown=(1,))   # [(0, 1), (1, 2), (2, 4), (4, 8), (8, 11), (11, 12)]
     """
-    if steps < 1 or phases < 1:
-        raise ValueError(f"steps={steps} and phases={phases} must be >= 1")
+    from .._util import is_int
+
+    if not (is_int(steps) and is_int(phases)) or steps < 1 or phases < 1:  # (before: 12.5 steps made a bucket (12, 12.5))
+        raise ValueError(f"steps={steps!r} and phases={phases!r} must be whole numbers >= 1")
+    for name, lengths in (("warmup", warmup), ("cooldown", cooldown)):
+        if not all(is_int(w) for w in lengths):
+            raise ValueError(f"{name}={tuple(lengths)!r} is invalid: whole numbers of steps, e.g. (1, 2)")
     cuts = {round(i * steps / phases) for i in range(phases + 1)} | {w for w in warmup if 0 < w < steps}
     cuts |= {steps - c for c in cooldown if 0 < c < steps}
     cuts = sorted(c for c in cuts | {0, steps} if 0 <= c <= steps)
@@ -63,6 +68,12 @@ class QKVSampler:
 
     def __init__(self, buckets: Sequence[Tuple[int, int]], *, per_bucket: int = 2, max_bytes: int = 512 * 2**20,
                  folder: Optional[str] = None):
+        from .._util import is_int
+
+        if not is_int(per_bucket) or per_bucket < 1:  # (before: 0 kept no step, and the search scored nothing)
+            raise ValueError(f"per_bucket={per_bucket!r} is invalid: a whole number of steps >= 1 per bucket")
+        if not is_int(max_bytes) or max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes!r} is invalid: a whole number of bytes >= 0 (0 keeps no sample)")
         self.buckets = list(buckets)
         self.max_bytes = int(max_bytes)
         self.folder = folder

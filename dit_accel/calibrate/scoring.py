@@ -374,6 +374,9 @@ class _Scorer:
                             errs[chunk], ref[chunk] if ref is not None and i == 0 else None)
                 if i == 0:  # (every pass computes the reference, in its own order)
                     norm += sq
+        # A dense output of zeros (v all zero: a layer that adds nothing) is every candidate's output too: no error
+        # (before: 0 / 0, NaN errors for every candidate, dense included, and the layer ran dense)
+        norm = torch.where(norm > 0, norm, torch.ones_like(norm))
         errors = (errs[:, :-1].view(b, h, -1).sum(0) / norm).T.contiguous()
         if progress is not None:
             for _ in range(len(self.candidates) - len(runs)):

@@ -15,7 +15,11 @@ times less) and in different layers; the calibration measures both (``calibrate.
 ``probe_layer_weights``). With no weights every step and layer counts the same.
 
 Small ``lam`` gives the cheapest plan, large ``lam`` the dense model. A per-layer error budget
-(``max_layer_error``: relative L2) removes the assignments above it. The end-to-end budget (a minimum
+(``max_layer_error``: relative L2) removes the assignments above it: where the heads' own choices break it, the
+heads move towards exact ones (dense inside the launch, a wider candidate) at the least cost per unit of error
+first, then take back what the slack allows (:func:`_within_bound`; every assignment is not enumerated, so a few
+knapsack corners cost a little more than the best); a layer where no candidate meets it on any head runs dense
+(:meth:`SearchSpace.bound_note` says which). The end-to-end budget (a minimum
 PSNR of the final output against dense) is met by bisecting ``lam`` on verified runs. A bucket in
 which every layer runs dense at the start is the chosen dense warm-up.
 """
@@ -23,7 +27,7 @@ which every layer runs dense at the start is the chosen dense warm-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -89,10 +93,12 @@ class SearchSpace:
                 continue
             cost = sum(self.costs.launch(kind) for kind in launches)
             heads, error, sparse = [], 0.0, []
+            bound = None if max_error is None else max_error ** 2
 
             def score(o):
                 return o[1] + lam * weight * o[2]
 
+            per_head = []
             for h in range(self.heads):
                 # (index, cost, error) of every head option allowed under these launches
                 opts = []
@@ -101,11 +107,20 @@ class SearchSpace:
                     opts += [(i, float(self.head_cost[i]), float(errors[i, h])) for i in block]
                 if sla is not None:
                     opts.append((sla, float(self.head_cost[sla]), float(errors[sla, h])))
-                i, c, e = min(opts, key=score)
+                per_head.append(opts)
+                # (a head's sparse options within the bound, for below)
+                sparse += [(score(o), h, o) for o in opts if o[0] != -1 and (max_error is None or o[2] <= bound)]
+            picks = [min(opts, key=score) for opts in per_head]
+            if max_error is not None and sum(o[2] for o in picks) > bound:
+                # (before: the structure was dropped, and a layer whose every-head-cheapest choice broke the bound
+                # ran dense, where some heads dense or wider met it at less cost)
+                picks = _within_bound(per_head, score, bound)
+                if picks is None:
+                    continue
+            for i, c, e in picks:
                 heads.append(i)
                 cost += c
                 error += e
-                sparse += [(score(o), h, o) for o in opts if o[0] != -1]  # (a head's sparse options, for below)
             if sla is not None and sla not in heads:
                 continue  # that structure without an SLA head is the block-only one
             if all(i == -1 for i in heads):
@@ -119,12 +134,30 @@ class SearchSpace:
                 heads[h], cost, error = i, cost - self.full_head_cost + c, error + e
             if "block_sparse" in launches and sla is not None and all(i == sla for i in heads):
                 continue
-            if max_error is not None and error > max_error ** 2:
+            if max_error is not None and error > bound * (1 + 1e-12):
                 continue
             value = cost + lam * weight * error
             if value < best_value:
                 best, best_value = LayerChoice(tuple(heads), launches, cost, error), value
         return best
+
+    def bound_note(self, max_error: Optional[float], log: Optional[Callable[[str], None]] = None) -> Optional[str]:
+        """The note of the (layer, bucket) pairs where no candidate meets ``max_error`` (relative L2) on any head, so
+        every assignment breaks it and they run dense whatever the budget (also handed to ``log``); None where there
+        are none or no bound (before: said by nothing but the dense cells of the report's table)."""
+        sparse = self.block + self.sla
+        over = [] if max_error is None or not sparse else sorted(
+            k for k, e in self.errors.items() if not bool((e[sparse] <= max_error ** 2).any()))
+        if not over:
+            return None
+        layer, bucket = over[0]
+        start, stop = self.buckets[bucket]
+        note = (f"--max-layer-error {max_error:g}: in {len(over)} of {len(self.errors)} sampled (layer, step bucket) "
+                f"pairs no candidate meets it on any head (e.g. layer {layer}, steps {start}-{stop - 1}), so they run "
+                "dense; a larger --max-layer-error or --candidates large gives them sparse options")
+        if log is not None:
+            log(f"note: {note}")
+        return note
 
     def method_of(self, choice: LayerChoice) -> Method:
         """The method config a layer runs under ``choice`` (a :class:`~dit_accel.PerHead` where heads differ)."""
@@ -162,6 +195,44 @@ class SearchSpace:
                 if e > 0:
                     ratios.append(abs(gain) / e + 1e-30)
         return float(torch.tensor(ratios).median()) if ratios else 1.0
+
+
+def _within_bound(per_head: List[list], score, bound: float) -> Optional[list]:
+    """Per head one option ``(index, cost, error)`` of ``per_head`` with errors summing to at most ``bound``, at a
+    least summed ``score`` (the structure's ``cost + lam * error``), or None when none fits.
+
+    The bound's own multiplier: each head moves down the lower convex hull of its options (score against error)
+    while the sum exceeds the bound, the move that buys the most error per unit of score first; then, while some
+    head can take an option of lower score within the slack, the best such swap is made."""
+    picks = [min(opts, key=lambda o: (score(o), o[2])) for opts in per_head]
+    moves = []
+    for h, opts in enumerate(per_head):
+        at = picks[h]
+        while True:
+            lower = [o for o in opts if o[2] < at[2]]
+            if not lower:
+                break
+            nxt = min(lower, key=lambda o: ((score(o) - score(at)) / (at[2] - o[2]), o[2]))
+            moves.append(((score(nxt) - score(at)) / (at[2] - nxt[2]), h, nxt))
+            at = nxt
+    total = sum(o[2] for o in picks)
+    for _, h, option in sorted(moves, key=lambda m: m[0]):
+        if total <= bound:
+            break
+        if option[2] < picks[h][2]:  # (a head's hull moves come in order: each one lowers its error)
+            total += option[2] - picks[h][2]
+            picks[h] = option
+    if total > bound:
+        return None
+    for _ in range(len(per_head) * max(len(opts) for opts in per_head)):  # swaps into the slack
+        gains = [(score(o) - score(picks[h]), h, o) for h, opts in enumerate(per_head) for o in opts
+                 if total - picks[h][2] + o[2] <= bound and score(o) < score(picks[h])]
+        if not gains:
+            break
+        _, h, option = min(gains, key=lambda g: g[0])
+        total += option[2] - picks[h][2]
+        picks[h] = option
+    return picks
 
 
 class Assignment:
