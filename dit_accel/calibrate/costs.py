@@ -90,8 +90,10 @@ class CostModel:
                 counts = kernel_cost.sla_counts(self.num_tokens, candidate.method, heads=1)
                 if self.terms == "tiles":  # the critical tiles only: no CTAs, no per-token glue
                     counts = dataclasses.replace(counts, ctas=0, heads=0)
-                value = kernel_cost.sla_time(counts, head_dim=self.head_dim, arch=self.arch) - \
-                    kernel_cost.constants(self.arch).sla_per_call_s
+                # (the kernel's per-call term, as launch("sla") charges: before, the current kernel's was taken
+                # off here, so a variant's SLA head cost 500 - 50 us more than kernels.cost.sla_time of it)
+                value = kernel_cost.sla_time(counts, head_dim=self.head_dim, arch=self.arch, kernel=self.kernel) - \
+                    self.constants.sla_per_call_s
             elif candidate.kind == "vsa":  # k of C cube tiles per query cube, and the coarse branch's C x C work
                 plan = candidate.method.plan(self.grid)
                 value = self._block(kernel_cost.vsa_counts(plan, heads=1))

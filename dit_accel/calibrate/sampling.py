@@ -46,7 +46,9 @@ def step_buckets(steps: int, phases: int, warmup: Sequence[int] = (), cooldown: 
 
 
 class QKVSampler:
-    """Keeps the video q, k, v of the first call per (layer, step) for the chosen steps, in memory.
+    """Keeps the video q, k, v of the first call per (layer, step) for the chosen steps, in memory, and the text
+    keys and values of a joint-attention call (FLUX, HunyuanVideo, SD3: text tokens in the self-attention, which a
+    sparse run visits exactly), so that a candidate's error is that of the attention the run computes.
 
     Args:
         buckets: the step buckets; ``per_bucket`` steps are kept per bucket, spread evenly over it.
@@ -57,6 +59,14 @@ class QKVSampler:
             parallelism ``..._heads{H0}-{H1}.pt``: the :class:`~dit_accel.pipelines.capture.Capture` format); None
             keeps nothing on disk.
 
+    Batch rows: when ``max_bytes`` keeps fewer rows than a call's batch, the kept rows are spread evenly over it
+    (row ``i`` of ``r`` kept is ``floor((i + 0.5) * B / r)``), so a batch that stacks ``[uncond, cond]``
+    (classifier-free guidance in one call) keeps rows of both halves; all of them when ``r >= B``.
+
+    Text (:attr:`takes_text`): ``save(..., text=(k_text, v_text, key_mask))`` with the text keys and values
+    ``(B, H, T, D)`` and the call's key mask of the text keys (bool ``(B or 1, T)``, True = attend, or a float
+    bias of that shape; None: all attended); :meth:`bucket_text` gives them back beside :meth:`bucket_samples`.
+
     Under Ring context parallelism only the first ring rank of each head group is handed a call (the others'
     samplers keep nothing), and under Ulysses each rank keeps its own heads (``heads`` counts those).
 
@@ -65,6 +75,9 @@ class QKVSampler:
     call per (layer, step) of any of them is kept, and its file on disk carries that transformer's prefix
     (``transformer_2.layer000_step001.pt``; see :meth:`for_transformer`).
     """
+
+    #: ``save`` takes ``text=``: the interceptor hands a joint call's text keys and values over.
+    takes_text = True
 
     def __init__(self, buckets: Sequence[Tuple[int, int]], *, per_bucket: int = 2, max_bytes: int = 512 * 2**20,
                  folder: Optional[str] = None):
@@ -85,6 +98,8 @@ class QKVSampler:
                 self.steps[start + min(span - 1, int((i + 0.5) * span / take))] = b
         self.per_bucket = per_bucket
         self.samples: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        # beside each sample, its text keys, values and bias (fp32, -inf: not attended), or None
+        self.texts: Dict[Tuple[int, int], List[Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {}
         self.grid = None
         self.heads: Optional[int] = None  # of the first call seen
         self.head_dim: Optional[int] = None
@@ -100,7 +115,7 @@ class QKVSampler:
         """What ``apply`` hands the transformer wrapped under ``prefix``: this sampler, whose files name it."""
         return self if not prefix else _TransformerSamples(self, prefix)
 
-    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None, prefix: str = "") -> None:
+    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None, prefix: str = "", text=None) -> None:
         with self._lock:
             if (layer, step) in self._done:
                 return
@@ -109,7 +124,7 @@ class QKVSampler:
             if self.heads is None:
                 self.heads, self.head_dim = int(q.shape[1]), int(q.shape[-1])
             if self.rows is None:
-                self._budget(q)
+                self._budget(q, text)
             rows = self.rows
             if rows == 0:
                 return
@@ -117,10 +132,13 @@ class QKVSampler:
             kept = self.samples.setdefault((layer, bucket), [])
             if len(kept) >= self.per_bucket:
                 return
-            sample = tuple(t[:rows].detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
-                           for t in (q, k, v))
+            # rows spread over the batch (before: the first rows, the unconditional half of a CFG batch alone)
+            pick = _spread_rows(q.shape[0], rows, q.device)
+            sample = tuple(_keep(t, pick) for t in (q, k, v))
             kept.append(sample)
-            self.bytes += sum(t.numel() * 4 for t in sample)
+            joint = None if text is None else _text_sample(text, q.shape[0], pick)
+            self.texts.setdefault((layer, bucket), []).append(joint)
+            self.bytes += sum(t.numel() * 4 for t in sample + (joint or ()))
         if self.folder is not None:
             os.makedirs(self.folder, exist_ok=True)
             data = {"q": sample[0], "k": sample[1], "v": sample[2], "grid": tuple(grid), "layer": layer,
@@ -130,6 +148,8 @@ class QKVSampler:
             tag = "" if heads is None else f"_heads{int(heads[0])}-{int(heads[1])}"
             if heads is not None:
                 data["heads"] = (int(heads[0]), int(heads[1]))
+            if joint is not None:
+                data["text_k"], data["text_v"], data["text_bias"] = joint
             # in one rename, as Capture writes (before: a run killed mid-write left a truncated file under the final
             # name, which a later run read)
             atomic_write(os.path.join(self.folder, f"{prefix}layer{layer:03d}_step{step:03d}{tag}.pt"),
@@ -144,9 +164,11 @@ class QKVSampler:
         """The model's attention layer count (sizes the per-sample budget before the run)."""
         self._layers = int(layers)
 
-    def _budget(self, q) -> None:
+    def _budget(self, q, text=None) -> None:
         layers = getattr(self, "_layers", 1)
         per_row = 3 * 4 * q[0].numel()  # q, k, v of one batch row in fp32
+        if text is not None:  # and the text keys, values and bias
+            per_row += 2 * 4 * text[0][0].numel() + 4 * text[0].shape[2]
         slots = layers * len(self.buckets)
         while self.per_bucket > 1 and per_row * q.shape[0] * self.per_bucket * slots > self.max_bytes:
             self.per_bucket -= 1
@@ -166,6 +188,51 @@ class QKVSampler:
             return None
         return tuple(torch.cat([s[i] for s in kept]) for i in range(3))
 
+    def bucket_text(self, layer: int, bucket: int):
+        """``(k_text, v_text, bias)`` beside :meth:`bucket_samples` (``(B, H, T, D)`` twice and fp32 ``(B, T)``,
+        ``-inf`` on keys not attended; samples with fewer text tokens padded with such keys), or None when no kept
+        call of ``layer`` in ``bucket`` had text keys."""
+        kept, texts = self.samples.get((layer, bucket)), self.texts.get((layer, bucket))
+        if not kept or not texts or all(t is None for t in texts):
+            return None
+        longest = max(t[0].shape[2] for t in texts if t is not None)
+        parts = []
+        for (q, _, _), t in zip(kept, texts):
+            b, h, _, d = q.shape
+            kt, vt, bias = t if t is not None else (q.new_zeros(b, h, 0, d), q.new_zeros(b, h, 0, d), q.new_zeros(b, 0))
+            pad = longest - kt.shape[2]
+            if pad:
+                kt, vt = (torch.cat([x, x.new_zeros(b, h, pad, d)], 2) for x in (kt, vt))
+                bias = torch.cat([bias, bias.new_full((b, pad), float("-inf"))], 1)
+            parts.append((kt, vt, bias))
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+
+def _spread_rows(batch: int, rows: int, device) -> Optional[torch.Tensor]:
+    """The batch rows kept, spread evenly over ``batch`` (None: all of them)."""
+    if rows >= batch:
+        return None
+    return torch.tensor([int((i + 0.5) * batch / rows) for i in range(rows)], device=device)
+
+
+def _keep(t: torch.Tensor, pick: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows ``pick`` of ``t`` (all: None), detached, fp32, contiguous, on the CPU."""
+    t = t if pick is None else t.index_select(0, pick)
+    return t.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+
+
+def _text_sample(text, batch: int, pick: Optional[torch.Tensor]):
+    """``(k_text, v_text, bias)`` of the kept rows: the key mask as an fp32 bias ``(rows, T)`` (-inf: not attended)."""
+    kt, vt, mask = text
+    n = kt.shape[2]
+    if mask is None:
+        bias = kt.new_zeros(batch, n, dtype=torch.float32)
+    else:
+        mask = mask.reshape(mask.shape[0], n).expand(batch, n)
+        bias = mask.float() if mask.is_floating_point() else torch.zeros(mask.shape, device=mask.device).masked_fill(
+            ~mask, float("-inf"))
+    return _keep(kt, pick), _keep(vt, pick), _keep(bias, pick)
+
 
 class _TransformerSamples:
     """A :class:`QKVSampler` as seen by one more transformer of the pipeline: the same samples, and files named
@@ -177,5 +244,7 @@ class _TransformerSamples:
     def wants(self, layer: int, step: int) -> bool:
         return self.sampler.wants(layer, step)
 
-    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None) -> None:
-        self.sampler.save(layer, name, grid, step, q, k, v, heads=heads, prefix=self.prefix)
+    takes_text = True
+
+    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None, text=None) -> None:
+        self.sampler.save(layer, name, grid, step, q, k, v, heads=heads, prefix=self.prefix, text=text)

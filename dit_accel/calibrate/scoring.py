@@ -87,6 +87,9 @@ def score_candidates(sampler, candidates: Sequence, layers: int, *, backend: str
     the others run their plan with ``backend``. ``progress(1)`` is called once per candidate and (layer,
     bucket).
 
+    A joint-attention family's samples carry their text keys (:meth:`QKVSampler.bucket_text`): the video queries
+    then attend them too, exactly in every candidate and in ``o*``, as a sparse run does (Plan.run's text merge).
+
     Example::
 
         errors = score_candidates(sampler, candidate_grid(sampler.grid), layers=30)
@@ -101,8 +104,9 @@ def score_candidates(sampler, candidates: Sequence, layers: int, *, backend: str
                 if progress is not None:
                     progress(len(candidates))
                 continue
+            text = sampler.bucket_text(layer, bucket) if hasattr(sampler, "bucket_text") else None
             with torch.no_grad():
-                out[(layer, bucket)] = scorer.errors(*sample, backend=backend, progress=progress)
+                out[(layer, bucket)] = scorer.errors(*sample, text=text, backend=backend, progress=progress)
     return out
 
 
@@ -187,11 +191,12 @@ class _Pass:
         self.ref = len(members)  # the reference's column
         self.columns = members + [-1] + sla  # candidate per column (-1: the reference)
 
-    def run(self, q, k, v, heads, sla_blocks, errs, ref_out=None) -> torch.Tensor:
+    def run(self, q, k, v, heads, sla_blocks, errs, ref_out=None, text=None) -> torch.Tensor:
         """Add the chunk's squared errors to ``errs`` ``[p, candidates + 1]`` (fp64; the last column takes the
         reference's zeros) and return its ``||o*||^2`` (fp64). ``q`` (scaled), ``k``, ``v``: ``[p, N, D]`` in
         raster order; ``heads``: the pairs' heads; ``sla_blocks``: the pairs' SLA block rows ``[p, nb, n_sla, nb]``
-        or None; ``ref_out`` ``[p, N, D]``: also receives the dense output."""
+        or None; ``ref_out`` ``[p, N, D]``: also receives the dense output; ``text``: the text keys, values with
+        a ones column and bias ``([p, T, D], [p, T, D + 1], [p, T])``, which every column visits, or None."""
         order, nb = self.order, self.order.blocks
         p, _, d = q.shape
         qo, ko = order.gather(q), order.gather(k)
@@ -210,7 +215,15 @@ class _Pass:
             s = torch.matmul(qo[:, rows], kt)
             if bias is not None:
                 s.add_(bias)
-            eb = torch.softmax(s, -1).view(p, _BLOCK, nb, _BLOCK)
+            pt = None
+            if text is not None:  # one softmax over [video, text] keys; the text part adds to every column
+                n_video = s.shape[-1]
+                s = torch.softmax(torch.cat([s, torch.baddbmm(text[2][:, None], qo[:, rows], text[0].transpose(1, 2))],
+                                            -1), -1)
+                pt = torch.bmm(s[..., n_video:], text[1])[:, None]  # [p, 1, 64, D + 1]
+                eb = s[..., :n_video].reshape(p, _BLOCK, nb, _BLOCK)
+            else:
+                eb = torch.softmax(s, -1).view(p, _BLOCK, nb, _BLOCK)
             del s
             pk = torch.matmul(eb.transpose(1, 2), vb).view(p, nb, -1)  # P_j: [p, key blocks, 64 * (D + 1)]
             acc = torch.matmul(full[:, qb], pk)
@@ -223,11 +236,13 @@ class _Pass:
                 for cols, m in products:
                     g = (e_part * (m if m.shape[0] == 1 else m.index_select(0, heads))).view(p, -1, e_part.shape[-1])
                     acc.index_add_(1, cols, torch.bmm(g, v_part).view(p, cols.numel(), _BLOCK, d + 1))
+            if pt is not None:
+                acc += pt
             total = acc[..., d]
             o = acc[..., :d] / total[..., None]
             low = (total < _UNDERFLOW) & real
             if bool(low.any()):
-                self._exact(o, low, qb, qo, ko, vo, full, sla_blocks, heads)
+                self._exact(o, low, qb, qo, ko, vo, full, sla_blocks, heads, text)
             if not bool(real.all()):
                 o = o[:, :, real]
             ref = o[:, self.ref]
@@ -237,17 +252,24 @@ class _Pass:
                 ref_out[:, order.index[rows][real]] = ref
         return norm
 
-    def _exact(self, o, low, qb, qo, ko, vo, full, sla_blocks, heads) -> None:
+    def _exact(self, o, low, qb, qo, ko, vo, full, sla_blocks, heads, text=None) -> None:
         """Recompute the rows ``low`` ``[p, columns, 64]`` of ``o`` in fp64 from each row's own maximum."""
         d = o.shape[-1]
         for chunk in low.nonzero().split(_EXACT_ROWS):
             pair, col, row = chunk.unbind(1)
             keys = self._key_masks(pair, col, row, qb, full, sla_blocks, heads)
-            s = torch.einsum("nd,njd->nj", qo[pair, qb * _BLOCK + row].double(), ko.index_select(0, pair).double())
+            k_rows, v_rows = ko.index_select(0, pair).double(), vo.index_select(0, pair)[..., :d].double()
+            if text is not None:  # the text keys: visited by every column, with their bias
+                k_rows = torch.cat([k_rows, text[0].index_select(0, pair).double()], 1)
+                v_rows = torch.cat([v_rows, text[1].index_select(0, pair)[..., :d].double()], 1)
+            s = torch.einsum("nd,njd->nj", qo[pair, qb * _BLOCK + row].double(), k_rows)
+            if text is not None:
+                keys = torch.cat([keys, torch.ones_like(text[2].index_select(0, pair), dtype=torch.bool)], 1)
+                s[:, s.shape[1] - text[2].shape[1]:] += text[2].index_select(0, pair).double()
             s.masked_fill_(~keys, float("-inf"))
             top = s.amax(-1, keepdim=True)
             w = torch.exp(s - torch.where(torch.isinf(top), torch.zeros_like(top), top))
-            num = torch.einsum("nj,njd->nd", w, vo.index_select(0, pair)[..., :d].double())
+            num = torch.einsum("nj,njd->nd", w, v_rows)
             den = w.sum(-1, keepdim=True)
             o[pair, col, row] = torch.where(den > 0, num / den, torch.zeros_like(num)).to(o.dtype)  # no key: 0
 
@@ -351,8 +373,9 @@ class _Scorer:
                 rows.append(rank < sla_block_counts(n, self.plans[i].params)[1])  # the top n_crit: nested sets
         return torch.stack(rows, 2).float()
 
-    def errors(self, q, k, v, *, backend: str, progress) -> torch.Tensor:
-        """fp64 ``[candidates, heads]`` of one sample ``q``, ``k``, ``v`` ``(B, H, N, D)``."""
+    def errors(self, q, k, v, *, text=None, backend: str, progress) -> torch.Tensor:
+        """fp64 ``[candidates, heads]`` of one sample ``q``, ``k``, ``v`` ``(B, H, N, D)``; ``text``: its text keys,
+        values ``(B, H, T, D)`` and bias ``(B, T)`` (:meth:`QKVSampler.bucket_text`), attended by every query."""
         q, k, v = q.float(), k.float(), v.float()
         b, h, n, d = q.shape
         passes, runs = self._passes(h, q.device)
@@ -366,12 +389,14 @@ class _Scorer:
         budget = min(_SCORE_BYTES, _SCORE_BYTES_PER_THREAD * torch.get_num_threads())
         step = max(1, budget // (_BLOCK * max(ps.order.blocks for ps in passes) * _BLOCK * 4))
         heads = torch.arange(pairs, device=q.device) % h
+        joint = None if text is None else _pair_text(text, h, q.device)
         for p0 in range(0, pairs, step):
             chunk = slice(p0, p0 + step)
             sla_blocks = self._sla_blocks(qr[chunk], ks[chunk]) if any(ps.sla for ps in passes) else None
             for i, ps in enumerate(passes):
                 sq = ps.run(qs[chunk], ks[chunk], vs[chunk], heads[chunk], sla_blocks if ps.sla else None,
-                            errs[chunk], ref[chunk] if ref is not None and i == 0 else None)
+                            errs[chunk], ref[chunk] if ref is not None and i == 0 else None,
+                            None if joint is None else tuple(t[chunk] for t in joint))
                 if i == 0:  # (every pass computes the reference, in its own order)
                     norm += sq
         # A dense output of zeros (v all zero: a layer that adds nothing) is every candidate's output too: no error
@@ -382,11 +407,26 @@ class _Scorer:
             for _ in range(len(self.candidates) - len(runs)):
                 progress(1)
         for i in runs:
-            o, _ = self.plans[i].run(q, k, v, backend=backend)
+            if text is None:
+                o, _ = self.plans[i].run(q, k, v, backend=backend)
+            else:  # as the pipeline runs it: [text, video] keys, the text merged in exactly
+                kt, vt, tb = (t.to(q.device, torch.float32) for t in text)
+                mask = torch.cat([tb, tb.new_zeros(b, n)], 1)[:, None, None, :]  # (zero on the video keys)
+                o, _ = self.plans[i].run(q, torch.cat([kt, k], 2), torch.cat([vt, v], 2), num_text=kt.shape[2],
+                                         text_first=True, key_mask=mask, backend=backend, text_queries=False)
             errors[i] = (o.double() - ref.view(b, h, n, d).double()).pow(2).sum(dim=(0, 2, 3)) / norm
             if progress is not None:
                 progress(1)
         return errors
+
+
+def _pair_text(text, heads: int, device):
+    """A sample's text ``(k, v, bias)`` per (batch row, head) pair: ``[p, T, D]``, ``[p, T, D + 1]`` (a ones column,
+    the softmax's denominator) and ``[p, T]``, fp32 on ``device``."""
+    kt, vt, bias = (t.to(device, torch.float32) for t in text)
+    b, h, n, d = kt.shape
+    vt = torch.cat([vt, vt.new_ones(b, h, n, 1)], -1)
+    return kt.reshape(b * h, n, d), vt.reshape(b * h, n, d + 1), bias.repeat_interleave(heads, 0)
 
 
 def _plan_order(plan) -> Optional[torch.Tensor]:

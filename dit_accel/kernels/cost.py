@@ -326,14 +326,16 @@ def dense_time(num_q: int, num_k: int, heads: int, *, batch: int = 1, head_dim: 
 
 
 def sla_time(layout, *, batch: int = 1, head_dim: int = 128, arch: str = "h100", heads: Optional[int] = None,
-             backward: bool = False) -> float:
+             backward: bool = False, kernel: str = "current") -> float:
     """Modelled seconds of one fused SLA call (sparse and linear branch, classification and glue).
 
-    ``layout``: :func:`sla_counts` of the call, or a ``BlockLayout`` of its critical blocks. Backward:
+    ``layout``: :func:`sla_counts` of the call, or a ``BlockLayout`` of its critical blocks. ``kernel``: a variant
+    of :data:`KERNELS`, whose per-call term is charged (``"host"`` and after: 50 us, against the current kernel's
+    500 us; before, every variant was charged 500 us here while calibration charged the variant's). Backward:
     forward + ``dense_backward_factor`` times the tile term (assumed; SLA's measured forward + backward at
     480p, 37.5 ms against 5.9 forward, is far from it: the model does not cover SLA's backward).
     """
-    c, n = constants(arch), _counts(layout, heads, batch)
+    c, n = constants(arch, kernel), _counts(layout, heads, batch)
     scale = _tile_scale(n.block_q, n.block_k, head_dim)
     n_q, n_k = math.ceil(n.q_len / n.block_q), math.ceil(n.kv_len / n.block_k)
     tiles = n.tiles * c.sla_per_tile_s * scale / c.slots
