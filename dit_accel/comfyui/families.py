@@ -101,7 +101,11 @@ def _vace_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
     if refs % pt:
         raise ValueError(f"dit_accel: {refs} VACE reference frames are not a multiple of the temporal patch {pt}")
     if refs // pt >= frames:
-        raise ValueError("dit_accel: every latent frame of the call reads as a VACE reference frame; no video grid")
+        raise ValueError(f"dit_accel: every latent frame of the call reads as a VACE reference frame (all {frames}: "
+                         f"its vace_context is zero after the first {model.in_dim} channels in each, as WanVaceToVideo "
+                         "writes a reference image), so no frame is left for the video grid: give WanVaceToVideo a "
+                         "control video or more frames, or use ComfyUI's own attention for this model (bypass the "
+                         "dit_accel node)")
     return frames - refs // pt, h, w  # the leading reference frames: dense tokens before the grid
 
 

@@ -39,7 +39,7 @@ from ..pipelines.transformer_hook import warn_unreached_strategy
 from .families import Family
 from .steps import SEARCH_STEPS, Places, step_of
 
-__all__ = ["Patch", "AttentionOverride", "CallState"]
+__all__ = ["Patch", "AttentionOverride", "CallState", "attention_spaces", "replaced_attention"]
 
 LOG = logging.getLogger("dit_accel.comfyui")
 
@@ -146,6 +146,7 @@ class Patch:
         self.expert = None  # which of Wan 2.2 A14B's experts this MODEL was said to be, where the weights hold both
         self._expert_seen = None  # the last schedule the expert was checked against
         self._model = model
+        self._attention_spaces = attention_spaces(model)  # (where its code finds ComfyUI's attention functions)
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"dit_accel_comfyui_{id(self)}", default=None)
 
     # ---------------------------------------------------------------- the diffusion_model wrapper
@@ -328,7 +329,17 @@ class Patch:
         call's ``optimized_attention_override`` is another node's that does not hand calls on to it."""
         current = options.get("optimized_attention_override")
         if isinstance(current, AttentionOverride) and current.patch is self:
-            return  # ours (a model call that skipped its blocks, such as a cache node's)
+            # ours: a model call that skipped its blocks (a cache node's), unless the model's attention function was
+            # replaced after the node ran (patch_model refuses one replaced before), which runs every call as its own
+            replaced = replaced_attention(self._attention_spaces)
+            if replaced is not None:
+                self.warnings.warn(f"dit_accel: no self-attention call of {self.model_name} reached dit_accel: "
+                                   f"ComfyUI's attention function {replaced} was replaced (by a custom node, after the "
+                                   "dit_accel node ran) with one that does not call transformer_options["
+                                   "'optimized_attention_override'], so the model runs without dit_accel's method. "
+                                   "Remove that node (for SageAttention, start ComfyUI with --use-sage-attention "
+                                   "instead), or remove the dit_accel node", key=("replaced", replaced))
+            return
         what = "none" if current is None else getattr(current, "__qualname__", type(current).__qualname__)
         self.warnings.warn(f"dit_accel: no self-attention call of {self.model_name} reached dit_accel: the sampled "
                            f"MODEL's transformer_options['optimized_attention_override'] is another node's ({what}), "
@@ -507,6 +518,53 @@ class AttentionOverride:
         if call.get("skip_output_reshape"):
             return out
         return out.transpose(1, 2).reshape(b, s, -1)
+
+
+#: The names a ComfyUI model's code calls ComfyUI's attention by (each a ``wrap_attn`` wrapper in ComfyUI 0.3.64).
+_ATTENTION_NAMES = ("optimized_attention", "optimized_attention_masked")
+
+
+def attention_spaces(model: torch.nn.Module) -> List[Tuple[str, dict]]:
+    """``[(module name, its globals)]``: where the code of a ComfyUI ``model`` looks up ComfyUI's attention by name
+    (:data:`_ATTENTION_NAMES`): ComfyUI's ``comfy.ldm.modules.attention`` (LTX-Video calls it through the module), the
+    ``comfy.*`` modules that define the model's classes (``comfy.ldm.wan.model``), and those of the helpers they call
+    (``comfy.ldm.flux.math`` of ``attention``, which FLUX's and Chroma's blocks import). Read once per patch; the
+    functions are looked up in them at each check (a custom node may replace one later)."""
+    spaces: Dict[str, dict] = {}
+    for name in ("comfy.ldm.modules.attention", *sorted({type(m).__module__ for m in model.modules()})):
+        module = sys.modules.get(name)
+        if module is None or not name.startswith("comfy.") or name in spaces:
+            continue
+        spaces[name] = vars(module)
+        for value in list(vars(module).values()):
+            helper = getattr(value, "__globals__", None) if inspect.isfunction(value) else None
+            if isinstance(helper, dict) and str(helper.get("__name__", "")).startswith("comfy."):
+                spaces.setdefault(helper["__name__"], helper)
+    return list(spaces.items())
+
+
+def replaced_attention(spaces: List[Tuple[str, dict]]) -> Optional[str]:
+    """The first ComfyUI attention function in ``spaces`` (:func:`attention_spaces`), as ``module.name``, that does
+    not hand its calls to ``transformer_options["optimized_attention_override"]`` (ComfyUI's ``wrap_attn`` does: an
+    older ComfyUI's, or a function a custom node set in its place, may not), probed on a 1-token call; None: all do."""
+    q = torch.zeros(1, 1, 1)
+    for name, space in spaces:
+        for attr in _ATTENTION_NAMES:
+            function, seen = space.get(attr), []
+            if not callable(function):
+                continue
+
+            def probe(func, q, *args, **kwargs):
+                seen.append(func)
+                return q
+
+            try:
+                function(q, q, q, 1, transformer_options={"optimized_attention_override": probe})
+            except Exception:  # noqa: BLE001 (a function without transformer_options: not ComfyUI's wrapper)
+                pass
+            if not seen:
+                return f"{name}.{attr}"
+    return None
 
 
 def _attention_entry(frame):

@@ -6,11 +6,9 @@ import inspect
 import logging
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
-import torch
 
 from .._util import WarningLog, is_int, is_number
 from ..kernels.checks import check_flag
@@ -20,7 +18,7 @@ from ..plans.model_config import check_model_config
 from ..plans.sparse_plan import SparsePlan
 from .families import HOOKS, WHAT_TO_DO, family_for, refusal, supported
 from .merges import watch_merges
-from .override import AttentionOverride, Patch
+from .override import AttentionOverride, Patch, attention_spaces, replaced_attention
 
 __all__ = ["patch_model", "WRAPPER_KEY"]
 
@@ -47,33 +45,20 @@ def _diffusion_model(model):
     return inner
 
 
-def _check_attention_override() -> None:
-    """The running ComfyUI hands its attention calls to ``transformer_options["optimized_attention_override"]``
-    (its ``wrap_attn``, in ComfyUI 0.3.64): one that does not (an older ComfyUI) would run every call as its own,
-    the node doing nothing without a word. Probed once per patch on a 1-token call; nothing where ComfyUI's
-    attention module is not loaded (not inside ComfyUI)."""
-    attention = sys.modules.get("comfy.ldm.modules.attention")
-    call = getattr(attention, "optimized_attention", None)
-    if not callable(call):
-        return
-    seen = []
-
-    def probe(func, q, *args, **kwargs):
-        seen.append(func)
-        return q
-
-    q = torch.zeros(1, 1, 1)
-    try:
-        call(q, q, q, 1, transformer_options={"optimized_attention_override": probe})
-    except Exception:  # noqa: BLE001 (an attention function without transformer_options: an older ComfyUI)
-        pass
-    if not seen:
+def _check_attention_override(inner) -> None:
+    """The running ComfyUI hands the attention calls of ``inner``'s code to ``transformer_options
+    ["optimized_attention_override"]`` (its ``wrap_attn``, in ComfyUI 0.3.64): a function that does not (an older
+    ComfyUI's, or one a custom node set in place of ComfyUI's, in ``comfy.ldm.modules.attention`` or in the model's
+    own module, as ``comfy.ldm.wan.model.optimized_attention``) would run every call as its own, the node doing nothing
+    without a word. Probed once per patch on 1-token calls; nothing where ComfyUI's modules are not loaded."""
+    replaced = replaced_attention(attention_spaces(inner))
+    if replaced is not None:
         raise ValueError("dit_accel: this ComfyUI's attention does not call transformer_options"
                          "['optimized_attention_override'] (the hook the dit_accel nodes set, which ComfyUI 0.3.64 "
-                         "has), so the node would change nothing: an older ComfyUI (update ComfyUI), or a custom node "
-                         "that replaced comfy.ldm.modules.attention.optimized_attention with its own function (a "
-                         "SageAttention patch: use ComfyUI's --use-sage-attention instead); else remove the dit_accel "
-                         "node")
+                         f"has; {replaced}, which this model's code calls, does not), so the node would change "
+                         "nothing: an older ComfyUI (update ComfyUI), or a custom node "
+                         "that replaced ComfyUI's attention function with its own (a SageAttention patch: use "
+                         "ComfyUI's --use-sage-attention instead); else remove the dit_accel node")
 
 
 def patched_by(model) -> Optional[str]:
@@ -307,7 +292,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     _check_expert_option(expert, weights)
     inner = _diffusion_model(model)
     _check_not_patched(model)
-    _check_attention_override()
+    _check_attention_override(inner)
     family = family_for(inner)
     if family is None and refusal(inner):
         raise ValueError(refusal(inner))
