@@ -75,8 +75,9 @@ def test_unbounded_float_widgets_keep_their_wide_range():
 
 
 def test_full_density_sla_equals_comfyuis_own_with_prompts_of_other_lengths_batched(comfy, models):
-    """Audit: cfg 2 batches the positive and a negative of another length in one call (ComfyUI repeats the shorter
-    text to a common length): the joint attention's text count follows the call, and the result is ComfyUI's."""
+    """Audit: cfg 2 with a negative of another length than the positive (FLUX's text is a CONDRegular in ComfyUI
+    0.3.64, which batches only same-shape conditioning, so the two run as calls of their own): the joint attention's
+    text count follows each call, and the result is ComfyUI's."""
     c = CASES["flux"]  # (joint attention: the text's length is counted per call)
     model = models("flux")
     context, extra = c.cond()[0]
