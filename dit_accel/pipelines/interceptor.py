@@ -301,15 +301,18 @@ def _eager_route(interceptor: SDPAInterceptor, call: dict):
 _route_eagerly = run_eagerly(_eager_route, _EAGER_REASON)
 
 
-def _save_share(layer, context: CallContext, ring_rank: int, q, k, v, heads) -> None:
+def _save_share(layer, context: CallContext, ring_rank: int, q, k, v, heads, text=None) -> None:
     """Capture one context-parallel call (every ring rank of a head group holds the same gathered q, k, v): the
     first ring rank saves it; the others record it as saved where the observer can (its ``skip``), and are never
     handed it (before, an observer without ``skip``, calibration's sampler, got ``save`` on every ring rank: the
     same sample kept, and its file written, once per ring rank). Whether a call is captured is the first ring
-    rank's decision on every ring rank (:func:`~.parallel.ring_first_says`), so their gathers match."""
+    rank's decision on every ring rank (:func:`~.parallel.ring_first_says`), so their gathers match. ``text``: the
+    call's text keys, values and key mask, for an observer that :attr:`takes_text` (as :meth:`SDPAInterceptor._save`
+    hands them; before, a joint family calibrated under context parallelism was scored without them)."""
     observer = layer.report.observer
     if not ring_rank:
-        observer.save(layer.index, layer.name, context.grid, context.step, q, k, v, heads=heads)
+        extra = {"text": text} if text is not None and getattr(observer, "takes_text", False) else {}
+        observer.save(layer.index, layer.name, context.grid, context.step, q, k, v, heads=heads, **extra)
     elif getattr(observer, "skip", None) is not None:
         observer.skip(layer.index, context.step)
 

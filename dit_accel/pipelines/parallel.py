@@ -365,7 +365,8 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
         q, k, v: this rank's share ``(B, H, S_local, D)``: ``num_text`` text tokens (all ranks
             together) and the video tokens, in the order the model uses (``text_first``).
         key_mask: this rank's bool key-padding mask ``(B, 1, 1, S_local)`` or None.
-        capture: ``capture(q, k, v, heads)`` of the whole video sequence of this rank's heads, called by
+        capture: ``capture(q, k, v, heads, text=)`` of the whole video sequence of this rank's heads (``text``: the
+            text keys, values and their key mask ``(B, T)``, or None), called by
             every ring rank of each head group, which all hold it (None: no capture; every ring rank passes one
             or none alike, the first ring rank's decision: :func:`ring_first_says`): the first one saves it.
         whole: the model split its one sequence contiguously (``Preset.split_whole``): the shares are not
@@ -387,10 +388,6 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
     if split.ring > 1:
         tk, vk, tv, vv = (ring_gather(x, split) for x in (tk, vk, tv, vv))
     heads = split.heads(q.shape[1])
-    if capture is not None:
-        with torch.no_grad():
-            all_q = ring_gather(vq, split) if split.ring > 1 else vq
-        capture(all_q, vk, vv, heads)
     mask_text = mask_video = None
     if mask is not None:  # gathered shares in (ring, ulysses) order, each [text, video] like the tokens
         m_text, m_video = _split_joint(mask.reshape(mask.shape[0], 1, -1, 1), *((1, num_text) if whole else (
@@ -401,6 +398,10 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
             raise ValueError(f"dit_accel: this call's key-padding mask hides {hidden} video key(s) (over the batch), "
                              "which context parallelism does not place (it masks text keys only): pass a mask over "
                              "the text tokens alone, or run this call without context parallelism")
+    if capture is not None:  # (the text keys too: calibration scores the attention a run computes with them)
+        with torch.no_grad():
+            all_q = ring_gather(vq, split) if split.ring > 1 else vq
+        capture(all_q, vk, vv, heads, text=(tk, tv, mask_text) if tk.shape[2] else None)
     if plan is None or plan.is_dense:  # one SDPA over the whole sequence in the model's order, as without splitting
         order = [(a, b) if text_first else (b, a) for a, b in ((tq, vq), (tk, vk), (tv, vv))]
         keys_mask = None if mask is None else torch.cat([mask_text, mask_video] if text_first else

@@ -146,3 +146,22 @@ def test_a_ring_split_a_later_steps_plans_cannot_take_is_refused_at_the_first_ca
         with pytest.raises(ValueError, match="ring context parallelism over 2 ranks gives each rank 64 of the 128"):
             hook._check_later_splits(RING2, (2, 8, 8), 0, 2)
         hook._check_later_splits(RING2, (8, 8, 8), 0, 2)  # whole blocks at every step: taken
+
+
+def test_a_capture_under_context_parallelism_gets_the_text_keys_and_their_mask():
+    """Before: run_split handed the capture the video q, k, v alone, so calibrating a joint-attention family (FLUX)
+    under context parallelism scored its candidates without the text keys a run attends. (A split of one rank.)"""
+    import torch
+
+    from dit_accel.pipelines.parallel import run_split
+
+    one = Split(ulysses=1, ring=1, ulysses_rank=0, ring_rank=0, ulysses_group=None, ring_group=None)
+    q, k, v = (torch.randn(2, 2, 4 + 64, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.ones(2, 1, 1, 4 + 64, dtype=torch.bool)
+    mask[1, ..., 3] = False  # the second sample's last text key
+    seen = {}
+    run_split(dit_accel.SLA(topk=0.5).plan((1, 8, 8)), q, k, v, split=one, num_text=4, text_first=True,
+              key_mask=mask, scale=None, backend="torch", capture=lambda *a, **kw: seen.update(args=a, **kw))
+    kt, vt, text_mask = seen["text"]
+    assert torch.equal(kt, k[:, :, :4]) and torch.equal(vt, v[:, :, :4])
+    assert torch.equal(seen["args"][1], k[:, :, 4:]) and text_mask.tolist() == [[True] * 4, [True] * 3 + [False]]
