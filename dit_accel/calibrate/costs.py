@@ -48,7 +48,8 @@ class CostModel:
         if terms not in self.TERMS:
             raise ValueError(f"terms={terms!r} is invalid: choose one of {', '.join(self.TERMS)}")
         # (before: int() of the head dimension, so 0 priced every head as free and 32.7 as 32)
-        self.grid, self.head_dim, self.arch, self.kernel = as_grid(grid), positive_int("head_dim", head_dim), arch, kernel
+        self.grid, self.head_dim = as_grid(grid), positive_int("head_dim", head_dim)
+        self.arch, self.kernel = arch, kernel
         self.terms = terms
         self.launch_overhead = terms == "full"
         self.constants = kernel_cost.constants(arch, kernel)

@@ -34,7 +34,8 @@ def step_buckets(steps: int, phases: int, warmup: Sequence[int] = (), cooldown: 
     """
     from .._util import is_int
 
-    if not (is_int(steps) and is_int(phases)) or steps < 1 or phases < 1:  # (before: 12.5 steps made a bucket (12, 12.5))
+    # (before: 12.5 steps made a bucket (12, 12.5))
+    if not (is_int(steps) and is_int(phases)) or steps < 1 or phases < 1:
         raise ValueError(f"steps={steps!r} and phases={phases!r} must be whole numbers >= 1")
     for name, lengths in (("warmup", warmup), ("cooldown", cooldown)):
         if not all(is_int(w) for w in lengths):
