@@ -137,7 +137,7 @@ def test_bench_cpu_takes_an_sla_topk_in_exponent_notation(capsys):
 
     assert bench_cpu.main(["--patterns", "sla-1e-3", "--n", "64", "--block", "16", "--d", "8", "--heads", "1",
                            "--threads", "1", "--rounds", "1", "--no-flex"]) == 0
-    assert "| sla-1e-3 | 1e-3 | 1 |" in capsys.readouterr().out
+    assert "| sla-1e-3 | 0.250 | 1 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

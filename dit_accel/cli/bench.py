@@ -661,10 +661,10 @@ def _run_layouts(args) -> int:
         layout_rows(grids, methods, log=lambda row: print(json.dumps(row), flush=True))
         return 0
     rows = layout_rows(grids, methods)
-    print(f"{'grid':<18} {'method':<7} {'density':>8} {'padded work':>12} {'masked tiles':>13} {'by count':>9}  "
+    print(f"{'grid':<18} {'method':<7} {'true density':>12} {'padded work':>12} {'masked tiles':>13} {'by count':>9}  "
           "selection  config")
     for r in rows:
         count = "-" if r.get("kernel_lengths") is None else f"{r['kernel_lengths']:.3f}"
-        print(f"{r['grid_name']:<18} {r['method']:<7} {r['density']:>8.4f} {r['padded_work']:>12.3f} "
+        print(f"{r['grid_name']:<18} {r['method']:<7} {r['density']:>12.4f} {r['padded_work']:>12.3f} "
               f"{r['masked_tiles']:>13.3f} {count:>9}  {r['selection']:<9}  {r['config']}")
     return 0

@@ -447,7 +447,7 @@ def gpu_markdown(report: dict) -> str:
         rows = [r for r in report["rows"] if r.get("pass") == pass_]
         if not rows:
             continue
-        header = ["shape", "B x H", "kernel", "ran", "density", "status", "error", "grads", "time", "latency",
+        header = ["shape", "B x H", "kernel", "ran", "true density", "status", "error", "grads", "time", "latency",
                   "graph", "host us", "vs SDPA", "% of ideal", "padded work", "TFLOPS (visited)"]
         table = [[r["shape"], f"{r.get('batch', 1)} x {r['heads']}", r["kernel"], str(r.get("variant") or "-")[:70],
                   num(r.get("density"), ".3f"),

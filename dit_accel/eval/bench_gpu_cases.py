@@ -155,8 +155,10 @@ class _Shape:
 
         s = self.shape
         row = {"shape": s.name, "tokens": s.tokens, "heads": s.heads, "head_dim": s.head_dim, "batch": s.batch,
-               "kernel": kernel, "density": density, "work_vs_dense": work, "padded_work": work / density,
-               "pass": pass_, **extra}
+               # density: the true one (visited pairs / N^2; the block share is layout_density / block_density),
+               # also as true_density, the key bench kernels' rows give it under (their density is the block share)
+               "kernel": kernel, "density": density, "true_density": density, "work_vs_dense": work,
+               "padded_work": work / density, "pass": pass_, **extra}
         if self.left() <= 0:
             row.update(status="skipped", error="time budget")
             self.rows.append(row)

@@ -10,7 +10,8 @@ say ``"selection": "runtime"``.
 
 ``python -m dit_accel.eval.bench_layouts [T H W] [--block 128]`` times the layout constructors at video
 scale (one CPU core): each runs in a fresh process with one torch thread; memory is the growth of the
-process's peak RSS during the call (a dense N x N mask would be N^2 bytes).
+process's peak RSS during the call (a dense N x N mask would be N^2 bytes); ``block_density``: the share of the
+layout's blocks it visits (not the true density of :func:`layout_rows`: partial blocks count in full).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
 lay = out[1] if isinstance(out, tuple) else out
 print(json.dumps({"layout": name, "seconds": round(dt, 3), "peak_rss_growth_mb": round(peak / 1024, 1),
-                  "density": round(lay.density(), 4), "partial": round(lay.partial_fraction(), 4)}))
+                  "block_density": round(lay.density(), 4), "partial": round(lay.partial_fraction(), 4)}))
 """
 
 #: The smallest grid every timed layout takes (GNA's (18, 24, 24) kernel; the warm-up caps the grid at 24).

@@ -9,7 +9,8 @@ loads K and V by TMA. This probe says what that trade is worth on a GPU and that
     TRITON_INTERPRET=1 python docs/scripts/gather_probe.py --dry-run   # on a CPU: small grids, fp32
 
 Each row of the JSON: the plan (Tile fitted to the grid at a density, as ``dit_accel.recommended`` fits it; GNA with
-``recommended``'s (7, 16, 16) window for Wan, fitted; the amount is then the window), its density, the launch configuration each path ran, the largest relative row error of the gathered path against the
+``recommended``'s (7, 16, 16) window for Wan, fitted; the amount is then the window), its true density (allowed
+token pairs / N^2, what ``efficiency_gathered`` = speed-up over SDPA x density uses) and block density, the launch configuration each path ran, the largest relative row error of the gathered path against the
 gathering one (and, in a dry run, both against fp32 attention over the plan's raster mask), and on a GPU the
 milliseconds (``triton.testing.do_bench`` medians) of the gathering path, of the gathered one, of the kernel alone
 on inputs already in tiled order (so the passes' share is ``ms_gathering - ms_kernel``), and of dense SDPA. VSA's
@@ -54,6 +55,18 @@ def plan_of(name: str, grid, amount):
     if getattr(plan, "perm", None) is None:
         raise ValueError(f"{name} at {tuple(grid)}, {amount}: no tiled order (dense or raster) to probe")
     return plan
+
+
+def plan_densities(plan) -> dict:
+    """The row's ``density``: the pattern's true density (allowed real query-key pairs / N^2), which its
+    ``efficiency_gathered`` multiplies the speed-up by (issue 72), and ``block_density``: the share of the layout's
+    blocks it visits over the padded tiled order (a GNA window's partial blocks or a padded tile put it above the
+    true one: the efficiency multiplied by it read too high)."""
+    from dit_accel.kernels.geometry import block_figures
+
+    real = plan.perm.order >= 0
+    return {"density": round(block_figures(plan.layout, real, real).density, 4),
+            "block_density": round(float(plan.layout.density()), 4)}
 
 
 def run_vsa_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
@@ -168,7 +181,7 @@ def run_train_case(grid, density, *, heads, head_dim, dtype, device, timed):
                    for _ in range(4))
     scale = head_dim ** -0.5
     row = {"layout": "tile-fit-train", "grid": list(grid), "amount": density, "tokens": n,
-           "tiled": plan.perm.num_padded, "heads": heads, "density": round(float(layout.density()), 4)}
+           "tiled": plan.perm.num_padded, "heads": heads, **plan_densities(plan)}
 
     def step(gather: bool):
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -203,7 +216,7 @@ def run_case(name, grid, amount, *, heads, head_dim, dtype, device, timed):
                for _ in range(3))  # (B, N, H, D) in memory, as a Diffusers processor hands them over
     scale = head_dim ** -0.5
     row = {"layout": name, "grid": list(grid), "amount": amount, "tokens": n, "tiled": plan.perm.num_padded,
-           "heads": heads, "density": round(float(layout.density()), 4)}
+           "heads": heads, **plan_densities(plan)}
 
     def path(gather: bool):
         return plan._sparse(q, k, v, layout, scale, "triton", True, gather=gather)
