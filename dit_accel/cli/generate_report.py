@@ -217,8 +217,10 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
                            "attention, output projection); end_to_end_s: the whole pipeline call (text encoders, "
                            "denoising, VAE decode)"},
         "density": {"mean": summary.get("mean_density"), "per_layer": stats,
-                    "note": "visited block fraction of video-video attention per layer, mean over sparse calls; "
-                            "None for layers/steps that ran dense"},
+                    "note": "density: visited block fraction of video-video attention per layer, mean over its sparse "
+                            "calls (its dense calls, e.g. dense steps, are not in it; None for a layer whose every "
+                            "call ran dense); token_density: the fraction of token pairs its pattern attends over "
+                            "the same calls (None where a pattern does not know it)"},
         "summary": summary,
         "warnings": summary.get("warnings", []),
         "versions": versions(("torch", "triton", "diffusers", "transformers")),

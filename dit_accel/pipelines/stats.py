@@ -10,6 +10,7 @@ with one sync per device when the statistics are asked for.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -42,7 +43,9 @@ class LayerStats:
     token_densities: list = field(default_factory=list)  # fraction of token pairs attended (GNA, Tile)
     dense_reasons: Dict[str, int] = field(default_factory=dict)  # plan-dense calls by reason
     backends: Dict[str, int] = field(default_factory=dict)  # sparse calls by the kernel backend that ran them
-    timer: Optional[Timer] = None
+    # One timer per (thread, device): a Timer holds one open start, so two threads' calls in one shared timer
+    # lost the overlap (0.40 s of calls read 0.30 s), and a timer made on the CPU timed later CUDA calls' launches
+    timers: Dict[tuple, Timer] = field(default_factory=dict)
 
 
 _UNTIMED = contextlib.nullcontext()  # reusable: it holds nothing
@@ -77,39 +80,45 @@ class Stats:
             stats.dense_reasons[reason] = stats.dense_reasons.get(reason, 0) + 1
 
     def timed(self, layer: int, device):
-        """A context manager that adds the enclosed time to the layer when timing is on."""
+        """A context manager that adds the enclosed time to the layer when timing is on (the calling thread's
+        timer on ``device``: CUDA events there, else wall time)."""
         if not self.timing:
             return _UNTIMED
-        stats = self.layers[layer]
-        if stats.timer is None:
-            stats.timer = Timer(device)
-        return stats.timer
+        timers = self.layers[layer].timers
+        key = (threading.get_ident(), device)
+        timer = timers.get(key)
+        return timer if timer is not None else timers.setdefault(key, Timer(device))
 
     def rows(self, methods: List[str]) -> List[dict]:
         """Per layer: ``layer``, ``index``, ``method``, ``density`` (mean visited block fraction over sparse
-        calls, None if none ran sparse), ``token_density`` (the fraction of token pairs the pattern attends,
-        when the pattern knows it: GNA and Tile; visited density / token density is the wasted work of
+        calls, None if none ran sparse), ``token_density`` (the fraction of token pairs the pattern attends, mean
+        over the same sparse calls, when the pattern of every one knows it: GNA and Tile, None where some call ran
+        another, e.g. a plan's PerHead or SLA entry; visited density / token density is the wasted work of
         partial blocks), ``sparse_calls``, ``dense_calls``, ``dense_reason`` (why calls ran
         dense although the schedule asked for the method, e.g. a window that covers the grid), ``backend``
-        (the kernel backends its sparse calls ran, e.g. ``"torch"``) and ``time_ms`` (None unless timing).
+        (the kernel backends its sparse calls ran, e.g. ``"torch"``) and ``time_ms`` (None unless timing: the time
+        of its calls, sparse and dense, summed over the threads that made them).
         Under context parallelism ``backend`` is per rank: what this rank's part of each call ran (under Ulysses
         with a layout per head, its heads' layout: ranks may differ); ``stats(all_ranks=True)`` lists every rank's."""
         rows = []
         for index, (name, stats) in enumerate(zip(self.names, self.layers)):
-            values = as_floats(stats.densities)
-            timer = stats.timer
+            densities = list(stats.densities)
+            values = as_floats(densities)
+            timers = list(stats.timers.values())
+            tokens = list(stats.token_densities)
             rows.append({
                 "layer": name,
                 "index": index,
                 "method": methods[index],
                 "density": sum(values) / len(values) if values else None,
-                "token_density": (sum(stats.token_densities) / len(stats.token_densities)
-                                  if stats.token_densities else None),
+                # (over the same calls as density or not at all: a plan mixing GNA with PerHead or SLA calls gave
+                # the GNA calls' mean beside every call's density, 0.195 beside 0.5625, a false partial-block cost)
+                "token_density": sum(tokens) / len(tokens) if tokens and len(tokens) == len(densities) else None,
                 "sparse_calls": stats.sparse_calls,
                 "dense_calls": stats.dense_calls,
                 "dense_reason": "; ".join(f"dense ({reason})" for reason in stats.dense_reasons) or None,
                 "backend": ",".join(sorted(stats.backends)) or None,
-                "time_ms": timer.seconds * 1e3 if timer is not None and timer.calls else None,
+                "time_ms": (sum(t.seconds for t in timers) * 1e3 if any(t.calls for t in timers) else None),
             })
         return rows
 
