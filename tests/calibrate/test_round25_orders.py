@@ -34,3 +34,22 @@ def test_a_launch_mixes_no_heads_of_two_token_orders_and_runs_at_the_priced_dens
     assert len(picked) == 1, choice  # one head sparse, the other dense inside the launch (no Tile + Radial mix)
     both = PerHead(methods=(cands[tile].method, cands[radial].method))
     assert max(_head_densities(both)) > 2 * cands[radial].density  # what the mix would have run
+
+
+def test_a_hand_made_per_head_config_whose_head_runs_in_another_order_at_a_cost_is_said():
+    """Before: PerHead(Tile (4, 4, 4), GNA (3, 5, 5)) on (8, 8, 8) ran the GNA head over every key block in the
+    Tile heads' order, against 0.38 in its own, without a word."""
+    import pytest
+
+    from dit_accel import GNA, Tile
+    from dit_accel._util import DitAccelWarning
+
+    tiles = (Tile(tile=(4, 4, 4), window=(1, 1, 1)), Tile(tile=(4, 4, 4), window=(1, 3, 3)))
+    with pytest.warns(DitAccelWarning, match=r"GNA\(kernel_size=\(3, 5, 5\).* visits 1\.00 of the key blocks against "
+                                             r"0\.38 in its own: give the heads one token order"):
+        PerHead(methods=(tiles[0], GNA(kernel_size=(3, 5, 5)), tiles[1])).plan((8, 8, 8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DitAccelWarning)  # one order, or a conversion that costs nothing: not said
+        PerHead(methods=(tiles[0], GNA(kernel_size=(3, 5, 5), tile=(4, 4, 4)), tiles[1])).plan((8, 8, 8))
