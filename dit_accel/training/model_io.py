@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["ModelIO", "HunyuanVideoIO", "FluxIO", "cp_error", "data_error", "geometry_error", "io_from_configs",
-           "model_io_for", "take", "SUPPORTED_TRANSFORMERS"]
+__all__ = ["ModelIO", "HunyuanVideoIO", "FluxIO", "image_conditioning_error", "cp_error", "data_error",
+           "geometry_error", "io_from_configs", "model_io_for", "take", "SUPPORTED_TRANSFORMERS"]
 
 Text = Dict[str, torch.Tensor]
 
@@ -359,6 +359,9 @@ def geometry_error(folder, class_name: str, frames: int, height: int, width: int
     io = io_from_configs(folder, class_name)
     if io is None:
         return None
+    problem = image_conditioning_error(io.transformer.config, io.family)  # (before the model loads, as after)
+    if problem:
+        return problem
     try:
         io.check_geometry(frames, height, width)
     except ValueError as err:
@@ -366,6 +369,30 @@ def geometry_error(folder, class_name: str, frames: int, height: int, width: int
     except (AttributeError, TypeError, KeyError):  # (a config without the patch size: the check after loading)
         return None
     return None
+
+
+def image_conditioning_error(config, family: str) -> Optional[str]:
+    """What is refused about a transformer (its ``config``) conditioned on an image, or None: one that takes more input
+    channels than it predicts (Wan or SkyReels-V2 image-to-video, HunyuanVideo I2V, FLUX Fill: the image's latents and
+    a mask, which its pipeline builds per call), or a HunyuanVideo I2V whose first latent frame is the clean image
+    (``image_condition_type="token_replace"``, timestep 0 there). Before: the trainer filled those channels, or that
+    frame, with noised random values and trained on them, without a word (in data mode: a raw shape error)."""
+    try:
+        ins = int(config.in_channels)
+        outs = int(getattr(config, "out_channels", None) or ins)
+    except (AttributeError, TypeError, ValueError):
+        return None  # (a config that does not say: nothing to compare)
+    kind = getattr(config, "image_condition_type", None)
+    if ins != outs:
+        what = (f"takes {ins} input channels but predicts {outs}: an image-to-video or inpainting model, whose pipeline "
+                f"fills the other {ins - outs} channels per call (the conditioning image's latents and mask)")
+    elif kind:
+        what = (f"is an image-to-video model (image_condition_type={kind!r}: its first latent frame is the clean "
+                "conditioning image, which its pipeline puts there per call)")
+    else:
+        return None
+    return (f"fine-tuning trains text-to-video and text-to-image models; this model's transformer {what}, and the "
+            f"trainer does not build that input. Fine-tune the {family} text-to-video (or text-to-image) model instead.")
 
 
 def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
@@ -380,6 +407,9 @@ def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
             "(transformer, and transformer_2 below its boundary_ratio, as Wan 2.2 A14B): the run would train "
             "transformer alone at every noise level, and its weights folder would not load into this pipeline. "
             "Fine-tune a one-transformer model (e.g. Wan 2.1, or Wan 2.2 TI2V-5B).")
+    problem = image_conditioning_error(transformer.config, cls.family)
+    if problem:
+        raise ValueError(problem)
     return cls(pipe, max_sequence_length=max_sequence_length)
 
 
