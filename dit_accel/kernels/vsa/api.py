@@ -502,7 +502,9 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
         scale: softmax scale of both branches, default ``1/sqrt(D)``.
         backend: the fine branch's block-sparse backend (``"auto"``, ``"torch"``, ``"triton"``, ``"flex"``, ...).
         return_selection: also return the selection, int64 ``(B, H, C, k)`` key cube indices per query cube,
-            ascending, the same on every device and backend (an exact tie goes to the lower index).
+            ascending; equal fp32 scores go to the lower index on every device and backend (all-zero keys, say).
+            Means equal only in exact arithmetic (constant tokens over cubes of other sizes) can round apart, and
+            the Triton coarse launch sums in another order than the twin, so such a tie may pick other cubes there.
 
     Returns:
         ``out`` ``(B, H, N, D)`` in q's dtype (inside ``torch.autocast``: q, k, v cast as SDPA's are, ``out`` in the
@@ -537,7 +539,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
             got = (f"a {gate.dtype} tensor of shape {tuple(gate.shape)}" if isinstance(gate, torch.Tensor)
                    else type(gate).__name__)
             raise ValueError(f"gate must be a float tensor shaped like q {tuple(q.shape)} (per token, head and "
-                             f"channel) or None; got {got}")
+                             f"channel) or None; got {got}{_gate_layout_hint(gate, q)}")
         if gate.device != q.device:
             raise ValueError(f"gate is on {gate.device} but q on {q.device}: move it to q's device")
     scale = check_scale(scale, q.shape[-1])
@@ -551,6 +553,20 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
                       cubes=cubes, tiled_fine=gate is not None, gate=gate)
     out = parts.fine if gate is None else parts.gated(gate, q.dtype, add_fine=True)
     return (out, parts.selection) if return_selection else out
+
+
+def _gate_layout_hint(gate, q: torch.Tensor) -> str:
+    """How to lay a gate in the hidden states' layout out like q: ``to_gate_compress`` gives ``(B, N, H*D)``, and a
+    ``(B, N, H, D)`` view of it is the layout Diffusers' processors hold q in before their transpose."""
+    b, h, n, d = q.shape
+    if not isinstance(gate, torch.Tensor):
+        return ""
+    if gate.shape == (b, n, h * d):
+        return (f": that is the (B, N, H*D) layout of to_gate_compress's output; pass "
+                f"gate.unflatten(-1, ({h}, {d})).transpose(1, 2)")
+    if gate.shape == (b, n, h, d):
+        return ": that is (B, N, H, D); pass gate.transpose(1, 2)"
+    return ""
 
 
 def _check_cube_blocks(q: torch.Tensor, backend: str, grid, tile, volume: int) -> None:
