@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.fx.experimental import symbolic_shapes
 from torch.overrides import TorchFunctionMode
 
+from ..kernels.request import in_graph
 from ..plans.plan import Plan
 from .context import CallContext, lasting_tensors, run_eagerly, tracing
 from .parallel import Split, ring_first_says, run_split
@@ -69,6 +71,26 @@ def _key_padding_mask(mask, batch: int, s: int, additive: bool = False) -> tuple
     if mask.dim() == 4 and mask.shape[1:3] == (1, 1) and mask.shape[3] == s and mask.shape[0] in (1, batch):
         return True, mask
     return False, None
+
+
+def _hides_video(runtime, key_mask, num_text: int, text_first: bool) -> bool:
+    """Whether a bool key mask hides one of the video keys, which the sparse part runs unmasked (before, a mask
+    given to Bria FIBO that hid an image token gave the output of the mask without it, silently): such a call
+    runs dense. One host sync per mask: the verdict is kept for the mask the layers share (``Runtime.mask_seen``);
+    not read while traced or captured (a float mask's video part is zero by its preset's check)."""
+    if key_mask is None or key_mask.dtype != torch.bool or in_graph():
+        return False
+    base = key_mask if key_mask._base is None else key_mask._base
+    key = (id(base), base._version, key_mask.storage_offset(), tuple(key_mask.shape), tuple(key_mask.stride()),
+           num_text, text_first)
+    seen = runtime.mask_seen
+    if seen is not None and seen[0] == key and seen[1]() is base:
+        return seen[2]
+    s = key_mask.shape[-1]
+    video = key_mask[..., num_text:] if text_first else key_mask[..., :s - num_text]
+    hides = not bool(video.all())
+    runtime.mask_seen = (key, weakref.ref(base), hides)
+    return hides
 
 
 class SDPAInterceptor(TorchFunctionMode):
@@ -147,6 +169,8 @@ class SDPAInterceptor(TorchFunctionMode):
                     mask = None  # an image alone, every token valid (Lumina-Next's one-size batch, Ideogram 4's
                     # unconditional pass): no mask
         ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk, additive=text_rows is not None)
+        hides = ok_mask and num_text > 0 and _hides_video(runtime, key_mask, num_text, position == "first")
+        ok_mask = ok_mask and not hides
         self_attention = (
             q.dim() == 4 and (sq == sk or image_queries) and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
             and not call.get("is_causal", False) and not call.get("enable_gqa", False)
@@ -157,7 +181,8 @@ class SDPAInterceptor(TorchFunctionMode):
             if sq == sk and sq >= num_video > 0:  # looked like self-attention but could not be routed: say why
                 layer.report.warn(
                     f"dit_accel: {layer.name} made an SDPA call it cannot make sparse (length {sq}, {num_video} video "
-                    f"tokens, mask {type(call.get('attn_mask')).__name__}, is_causal={call.get('is_causal', False)}, "
+                    f"tokens, mask {type(call.get('attn_mask')).__name__}"
+                    f"{' hiding video tokens' if hides else ''}, is_causal={call.get('is_causal', False)}, "
                     f"dropout_p={call.get('dropout_p', 0.0)}); running it dense")
             if split is not None:
                 raise ValueError(f"dit_accel: {layer.name} made an SDPA call it cannot run under context "
@@ -245,7 +270,7 @@ class SDPAInterceptor(TorchFunctionMode):
         if layer.sla_proj is not None and not layer.inert:
             proj = layer.projection(q.device)
         with lasting_tensors():  # (the plan's caches, made on first use)
-            return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
+            return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask, check_mask=False,
                             scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
                             text_queries=not image_queries, text_query_mask=text_rows)
 

@@ -77,6 +77,7 @@ class Runtime:
         self.call_check = None  # (grid, total steps, step) -> None: a SparsePlan's checks of the call (apply sets it)
         self._local = threading.local()  # per-thread bypass depth (handle.bypassed())
         self._captures = {}  # transformer prefix -> its capture observer (capture_for)
+        self.mask_seen = None  # (key, weakref to the mask, verdict): the last key mask read (interceptor._hides_video)
 
     def capture_for(self, prefix: str):
         """The capture observer of the transformer wrapped under ``prefix`` (None without capture): the observer's

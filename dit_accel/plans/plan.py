@@ -164,7 +164,7 @@ class Plan:
     def run(self, q, k, v, *, num_text: int = 0, text_first: bool = False, key_mask: Optional[torch.Tensor] = None,
             scale: Optional[float] = None, backend: str = "auto", proj=None,
             sdpa: Callable = F.scaled_dot_product_attention, text_queries: bool = True,
-            text_query_mask: Optional[torch.Tensor] = None):
+            text_query_mask: Optional[torch.Tensor] = None, check_mask: bool = True):
         """Attention over ``[text, video]`` (``text_first``), ``[video, text]`` or video alone.
 
         Args:
@@ -179,13 +179,19 @@ class Plan:
             sdpa: dense attention for text queries (the caller's original SDPA).
             text_queries: False when ``q`` holds the video queries alone (``(B, H, num_tokens, D)``) against
                 the whole sequence of keys (Qwen-Image 2.1's target call); only video rows are returned.
+            check_mask: read ``key_mask`` on the video keys (one host sync; skipped while traced or captured) and
+                refuse one that is False or nonzero there (before, the sparse part dropped it without a word: 0.38
+                off on a GNA plan). False: the caller vouches for it (the pipelines' hooks, whose presets build
+                their masks True on every video token).
         Returns ``(o (B, H, S, D), density)`` (``(B, H, num_tokens, D)`` without text queries).
 
         Raises:
             ValueError: q, k, v are not 4-D, or their lengths and ``num_text`` are not the plan's grid plus the
                 text (a Tile plan returned 256 of a 264-token sequence's rows for ``num_text=0``, without a word).
         """
-        self._check_run(q, k, v, num_text, text_queries, key_mask)
+        self._check_run(q, k, v, num_text, text_queries, key_mask, text_query_mask)
+        if key_mask is not None and check_mask and not in_graph():
+            _check_video_keys(key_mask, num_text, text_first)
         if num_text == 0:
             # Video alone: nothing is merged, so no lse is asked for.
             o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj, lse=False)
@@ -211,7 +217,7 @@ class Plan:
         parts = [o_tq, o_video.to(q.dtype)] if text_first else [o_video.to(q.dtype), o_tq]
         return torch.cat(parts, dim=2), density
 
-    def _check_run(self, q, k, v, num_text, text_queries: bool, key_mask) -> None:
+    def _check_run(self, q, k, v, num_text, text_queries: bool, key_mask, text_query_mask=None) -> None:
         """ValueError naming the argument unless ``q, k, v`` (B, H, S, D) hold this plan's grid tokens and
         ``num_text`` text tokens (shapes only: no host sync). Before, a sequence of another length than the grid
         was cut (a tiled plan returned ``num_tokens`` rows), ran on whatever length came (SLA, dense), or failed
@@ -242,9 +248,24 @@ class Plan:
         if key_mask is not None:  # (before: a raw "shape '[2, 264]' is invalid" or broadcast error mid-call)
             shape = tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else ()
             if len(shape) != 4 or shape[3] != s or shape[1:3] != (1, 1) or shape[0] not in (1, q.shape[0]):
+                hint = ("; pass mask[:, None, None, :] for a (B, S) mask, mask[:, None] for a (B, 1, S) one"
+                        if len(shape) in (2, 3) and shape[-1] == s else
+                        "; a mask per head or per query cannot run sparse: run this call with "
+                        "F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)")
                 raise ValueError(f"Plan.run: key_mask must be a tensor of shape (B or 1, 1, 1, S) = ({q.shape[0]}, "
                                  f"1, 1, {s}) (one row of keys per sample); got "
-                                 f"{tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else key_mask!r}")
+                                 f"{tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else key_mask!r}"
+                                 f"{hint if shape else ''}")
+            _check_mask_dtype("key_mask", key_mask, q)
+        if text_query_mask is not None:  # (before: a raw SDPA broadcast error in the text queries' call)
+            shape = tuple(text_query_mask.shape) if isinstance(text_query_mask, torch.Tensor) else ()
+            if (len(shape) != 4 or shape[3] != s or shape[2] != num_text or shape[1] not in (1, q.shape[1])
+                    or shape[0] not in (1, q.shape[0])):
+                got = shape or repr(text_query_mask)
+                raise ValueError(f"Plan.run: text_query_mask must be a tensor of shape (B or 1, 1 or H, num_text, S) "
+                                 f"= ({q.shape[0]}, 1, {num_text}, {s}) (the text queries' rows); got {got}; pass "
+                                 "None to give the text queries key_mask")
+            _check_mask_dtype("text_query_mask", text_query_mask, q)
         want = s if text_queries else n
         if q.shape[2] != want:
             raise ValueError(f"Plan.run: q holds {q.shape[2]} queries; with text_queries={text_queries} it holds "
@@ -262,6 +283,32 @@ class Plan:
     def __repr__(self) -> str:
         extra = f", dense: {self.dense_reason}" if self.is_dense else f", density={self.density}"
         return f"{type(self).__name__}({self.method!r}, grid={self.grid}{extra})"
+
+
+def _check_mask_dtype(name: str, mask: torch.Tensor, q: torch.Tensor) -> None:
+    """ValueError unless ``mask`` is bool or a float bias in fp32 or q's dtype (what SDPA takes). Before, an int
+    mask failed with a raw "masked_fill_ only supports boolean masks", an fp64 one inside the text queries' SDPA."""
+    if mask.dtype != torch.bool and mask.dtype not in (torch.float32, q.dtype):
+        raise ValueError(f"Plan.run: {name} has dtype {mask.dtype}; it must be bool (True = attend) or a float bias "
+                         f"in torch.float32 or q's dtype ({q.dtype}): pass mask.bool() for a 0/1 mask, or "
+                         "mask.float() for a bias")
+
+
+def _check_video_keys(key_mask: torch.Tensor, num_text: int, text_first: bool) -> None:
+    """ValueError if ``key_mask`` (checked shape) hides a video key or biases one: the sparse part takes no mask,
+    so it would be dropped there (one host sync)."""
+    s = key_mask.shape[-1]
+    video = key_mask[..., num_text:] if text_first else key_mask[..., :s - num_text]
+    bad = ~video if video.dtype == torch.bool else video != 0
+    if not bool(bad.any()):
+        return
+    where = bad.reshape(bad.shape[0], -1).nonzero()[0].tolist()
+    first = where[1] + (num_text if text_first else 0)
+    raise ValueError(f"Plan.run: key_mask {'hides' if video.dtype == torch.bool else 'biases'} video key {first} of "
+                     f"sample {where[0]} ({int(bad.sum())} video keys in all): the sparse part runs every video key "
+                     "unmasked, so it must be True (bool) or 0.0 (float bias) on all of them, and may hide or bias "
+                     "text keys only; pass such a mask, or run this call with F.scaled_dot_product_attention(q, k, v, "
+                     "attn_mask=key_mask)")
 
 
 class DensePlan(Plan):
