@@ -20,7 +20,7 @@ import sys
 
 from .._util import repeated_error
 from ..atomic_files import atomic_write_json
-from .options import HelpFormatter, plain
+from .options import HelpFormatter, int_tuple, plain
 
 __all__ = ["register", "run"]
 
@@ -454,10 +454,11 @@ def _run_modelled(args, fail) -> int:
         return fail(problem)
     tile = None
     if args.tile:
-        try:
-            tile = tuple(int(x) for x in args.tile.split(","))
-        except ValueError:
+        try:  # (read as generate and calibrate read --tile: 1x16x8 was refused here alone)
+            tile = int_tuple(args.tile)
+        except argparse.ArgumentTypeError:
             tile = ()
+        tile = tile if isinstance(tile, tuple) else (tile,)
         if not tile or any(t < 1 for t in tile):
             return fail(f"--tile must be comma-separated positive ints such as 1,16,8; got {args.tile!r}")
         dims = sorted({len(s.grid) for s in shapes})

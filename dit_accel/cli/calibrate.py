@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from .._util import existing_ancestor, format_ratio, format_time
-from .options import HelpFormatter, guidance_error, int_list, plain
+from .options import HelpFormatter, guidance_error, int_list, int_tuple, plain
 
 __all__ = ["register", "run", "check_args"]
 
@@ -37,6 +37,13 @@ def _int_list(text: str):
     """``0,1`` -> ``[0, 1]``; an empty item (``0,,1``) or an ``x`` is refused (:func:`.options.int_list`). No value
     at all (``,``) is the empty list, which the flag's own check refuses with its rule."""
     return [] if not text.replace(",", "").strip() else list(int_list(text))
+
+
+def _tile(text: str):
+    """``--tile`` as ``generate`` reads it (``1,8,8``, ``1x8x8``, ``"1 8 8"``), as a list of sizes; one int stays one
+    size, for the check against the grid's rank (before: ``1x8x8`` was refused, as "not a list of integers")."""
+    value = int_tuple(text)
+    return list(value) if isinstance(value, tuple) else [value]
 
 
 class _UsageError(ValueError):
@@ -157,11 +164,21 @@ def _check_methods_and_costs(args) -> None:
     """--methods from the calibration's methods; --arch and --kernel known to the cost model."""
     from ..calibrate.candidates import CALIBRATABLE
     from ..kernels.cost import CONSTANTS, KERNELS, constants
+    from ..methods import canonical_method_name
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # (the names generate, eval and bench take: before, --methods sta or TILE was refused here alone)
+    methods = [canonical_method_name(m) for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in CALIBRATABLE]
     if not methods or unknown:
-        raise _UsageError(f"--methods {args.methods!r}: choose from {','.join(CALIBRATABLE)} (comma-separated)")
+        raise _UsageError(f"--methods {args.methods!r}: choose from {','.join(CALIBRATABLE)} (comma-separated; "
+                          "sta = tile)")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise _UsageError(f"--methods {args.methods!r} names {twice[0]} more than once: name each method once")
+    args.methods = ",".join(methods)
+    if args.tile is not None and not {"tile", "gna"} & set(methods):  # (before: dropped without a word)
+        raise _UsageError(f"--tile is the tile of the Tile and GNA candidates, and --methods {args.methods} has "
+                          "neither: add tile or gna to --methods, or drop --tile")
     archs = sorted({k.split("/")[0] for k in CONSTANTS})
     if args.arch not in archs:
         raise _UsageError(f"--arch {args.arch!r} has no cost-model constants; choose one of {', '.join(archs)}")
@@ -344,7 +361,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--candidates", choices=GRIDS, default="default", help="size of the parameter grid")
     p.add_argument("--methods", default=",".join(METHODS), help=f"methods to consider (default {','.join(METHODS)}; "
                                                                 "also vsa)")
-    p.add_argument("--tile", type=_int_list, default=None, metavar="T,H,W",
+    p.add_argument("--tile", type=_tile, default=None, metavar="T,H,W",
                    help="token tile of the Tile and GNA candidates (default: a 64-token tile picked for the grid); "
                         "1,8,8 on a grid of 8x8-token frames makes Tile windows count frames")
     p.add_argument("--samples-per-bucket", type=int, default=2, help="sampled steps per step bucket (default 2)")

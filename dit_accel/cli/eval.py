@@ -30,7 +30,8 @@ import argparse
 import os
 import sys
 
-from .options import HelpFormatter, add_cache_option, add_plan_any_grid, cache_from_args, guidance_error, plain
+from .options import (HelpFormatter, add_cache_option, add_plan_any_grid, cache_from_args, guidance_error, plain,
+                      refuse_method_flags)
 
 __all__ = ["register", "run"]
 
@@ -70,6 +71,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "tile:tile=1/8/8;window=3/1/1). Without --methods "
                         "only the stacks (and dense) are rows")
     add_cache_option(p)
+    refuse_method_flags(p, "eval")
     p.add_argument("--method-config", metavar="FILE",
                    help="JSON/YAML: {method: options} or {method: [options, ...]} to compare several configs; "
                         "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
@@ -131,14 +133,15 @@ def _stacks(text, defaults):
         method, cache = parse_stack(item)
         name, _, given = method.partition(":")
         # (by the canonical name: "sta" took the paper's tile (6, 8, 8), not the tiny model's grid-sized one)
-        options = {**(defaults or {}).get(canonical_method_name(name.strip()), {}), **_stack_options(item.strip(), given)}
+        options = {**(defaults or {}).get(canonical_method_name(name.strip()), {}),
+                   **_stack_options(item.strip(), given, name.strip())}
         spec = MethodSpec.parse(name.strip(), options, label=item.strip(), source=f"--stacks {item.strip()!r}")
         spec.cache = cache
         specs.append(spec)
     return specs
 
 
-def _stack_options(item: str, text: str) -> dict:
+def _stack_options(item: str, text: str, method: str = "") -> dict:
     """A stack's method options, ``METHOD:k=v;k=v`` (tuples as ``1/8/8``), as the cache's options are written. Before,
     everything after the method's ':' was dropped: ``sla:topk=0.1+fbcache`` ran SLA's default top-k under that
     label."""
@@ -154,8 +157,27 @@ def _stack_options(item: str, text: str) -> dict:
                              "sla:topk=0.1+fbcache, tile:tile=1/8/8;window=3/1/1)")
         if key.strip() in options:
             raise ValueError(f"--stacks {item!r}: method option {key.strip()!r} is given twice; give it once")
-        options[key.strip()] = option_value(value)
+        options[key.strip()] = _as_flag_reads(method, key.strip(), value, option_value(value))
     return options
+
+
+def _as_flag_reads(method: str, key: str, text: str, value):
+    """A stack option's value as generate's flag of that field reads it: ``sink_frames=0`` (one frame) and
+    ``sink_frames=none`` as ``--sink-frames 0`` / ``none``, ``tile=6x8x8`` as ``--tile 6x8x8`` (before: each was
+    refused as no tuple, where the flag takes it)."""
+    from ..methods import canonical_method_name, registered_methods
+    from .options import int_tuple
+
+    entry = registered_methods().get(canonical_method_name(method))
+    opt = entry.cli_options().get(key) if entry is not None else None
+    if opt is not None and opt.parse == "int_list" and (value is None or type(value) is int):
+        return () if value is None else (value,)
+    if opt is not None and opt.parse == "ints" and isinstance(value, str):
+        try:
+            return int_tuple(text)
+        except argparse.ArgumentTypeError:
+            return value
+    return value
 
 
 def run(args) -> int:

@@ -33,7 +33,7 @@ from ..methods import METHOD_ALIASES, CliOption, Method, canonical_method_name, 
 
 __all__ = ["BACKENDS", "HelpFormatter", "plain", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
            "method_options_given", "check_method_flags", "method_flags", "check_plan_flags", "add_plan_any_grid",
-           "GUIDANCE_MAX", "guidance_error"]
+           "GUIDANCE_MAX", "guidance_error", "refuse_method_flags"]
 
 #: ``auto`` and dit_accel.kernels.backends.BACKENDS (spelled out: this module is imported without torch).
 BACKENDS = ("auto", "triton", "flex", "torch", "fa4", "cudnn", "natten")
@@ -213,6 +213,45 @@ def add_method_options(parser: argparse.ArgumentParser, *, default_method: Optio
         s.add_argument("--weights", default=None, metavar="DIR",
                        help="trained weights from `dit-accel finetune` (SLA projections, LoRA)")
     return parser
+
+
+def refuse_method_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """``--method`` and every per-method flag on a command that takes methods by ``--methods`` and their options by
+    ``--method-config`` or ``--stacks`` (``eval``): one line naming the flag and how to say it there, in the config's
+    field names (before: argparse's "unrecognized arguments: --tile 2,4,4", or "ambiguous option: --method could
+    match --methods, --method-config")."""
+    users = method_flags()
+
+    class Refuse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            if option_string == "--method":
+                parser.error(f"--method is a flag of generate and finetune; {command} compares methods: name them "
+                             f"with --methods (e.g. --methods dense,{values or 'tile'}) and give their options in "
+                             "--method-config FILE or --stacks")
+            opt, methods = users[option_string]
+            ways = "; ".join(_config_ways(name, field, opt.parse, values) for name, field in methods)
+            parser.error(f"{option_string} is a flag of generate and finetune; {command} takes a method's options "
+                         f"as its config fields, in --method-config FILE or --stacks: {ways}")
+
+    group = parser.add_argument_group("generate's method flags (refused here, with the way to say them)")
+    group.add_argument("--method", action=Refuse, nargs="?", default=None, help=argparse.SUPPRESS)
+    for flag, (opt, _) in users.items():
+        group.add_argument(flag, action=Refuse, nargs=0 if opt.parse == "flag" else "?", default=None,
+                           dest="refused_" + _dest(flag), help=argparse.SUPPRESS)
+
+
+def _config_ways(name: str, field: str, parse: str, text) -> str:
+    """How ``--method-config`` and ``--stacks`` say a method flag given as ``text`` (a list: a switch)."""
+    if not isinstance(text, str):
+        text = "true" if parse == "flag" else "VALUE"
+    parts = [p for p in re.split(r"\s*[,x]\s*|\s+", text.strip().strip("()[]").strip()) if p]
+    if parse == "int_list" and text.strip().lower() in ("none", "off", "[]"):
+        as_json, as_stack = "[]", "none"
+    elif parse in ("ints", "int_list") and (len(parts) > 1 or parse == "int_list"):
+        as_json, as_stack = "[" + ", ".join(parts) + "]", "/".join(parts)
+    else:
+        as_json, as_stack = (f'"{text}"' if parse == "str" else text), text
+    return f'{{"{name}": {{"{field}": {as_json}}}}} or {name}:{field}={as_stack}'
 
 
 def method_options_given(args: argparse.Namespace) -> Dict[str, object]:
