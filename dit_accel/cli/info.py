@@ -144,6 +144,10 @@ def _densities(method, grid):
     return plan.density, plan.token_density
 
 
+#: Who runs an embedded model's own method defaults (finetune builds the method from its flags alone).
+_USED_BY = "generate and eval use it; finetune takes the method's own defaults"
+
+
 def _runs_as(method, grid):
     """The fields a ``fit=True`` setting runs with on ``grid`` where they differ from the setting's own (Tile: the
     tile and window :func:`~dit_accel.patterns.tile.fit_tile` picks; GNA: a kernel clamped to the grid), else None.
@@ -214,10 +218,10 @@ def model_settings(model: str) -> dict:
     for name, options in reversed(list(own.items())):
         if shapes is not None:
             entry = _setting(method_from_name(name, **options), dict(shapes.schedule), shapes.grid,
-                             f"{shapes.size()}, its size", f"dit_accel default for {model} (generate and eval use it)")
+                             f"{shapes.size()}, its size", f"dit_accel default for {model} ({_USED_BY})")
         else:
             entry = _setting(method_from_name(name, **options), {}, None, None,
-                             f"dit_accel default for {model} at its default size (generate and eval use it)")
+                             f"dit_accel default for {model} at its default size ({_USED_BY})")
         methods[name] = [entry] + methods.get(name, [])
     methods = {name: methods[name] for name in [*own, *methods] if name in methods}
     out = {"model": model, "transformer": class_name, "family": family, "methods": methods}
