@@ -49,6 +49,9 @@ _ARGS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip
 # Frames between the override and the module that made the call: ComfyUI's wrap_attn wrapper, then at most a
 # helper such as comfy.ldm.flux.math.attention (HunyuanVideo's blocks) before the module's forward.
 _STACK_DEPTH = 6
+#: What sets a custom sampler's step count, in a refusal of a plan's steps (the plan's own hint names a KSampler)
+_CUSTOM_STEPS = ("the steps of the scheduler node whose sigmas the custom sampler takes, e.g. BasicScheduler's; "
+                 "sigmas written by hand count as a whole schedule of their own")
 # Frames between the override and ComfyUI's wrap_attn wrapper: those of overrides set after this one that hand the
 # call on to it (ComfyUI's sparse-attention node, a chain of decorators), none where it is the last one set.
 _CHAIN_DEPTH = 32
@@ -108,7 +111,9 @@ class Report:
             methods = sorted({repr(c[0]) for c in sparse})
             density = f"{sum(densities) / len(densities):.3f}" if densities else "per call"
             tokens = [c[3] for c in sparse if c[3] is not None]
-            if tokens:  # the kernel visits whole blocks; the pattern's own density is this
+            # the kernel visits whole blocks; the pattern's own density is this, said only where every sparse layer
+            # has one (before: a PerHead's layer, which has none, was left out of the "mean", as Diffusers' stats do)
+            if tokens and len(tokens) == len(sparse):
                 density += f" (tokens {sum(tokens) / len(tokens):.3f})"
             parts.append(f"{len(sparse)} layers sparse ({'; '.join(methods)}), mean density {density}, backend "
                          f"{'/'.join(sorted({c[2] for c in sparse}))}")
@@ -181,7 +186,8 @@ class Patch:
             off_grid += references
         state = CallState(grid, step, total, sigma, off_grid, references)
         if self.call_check is not None:
-            self._check_call(state.grid, total, options.get("sample_sigmas"), first, options.get("context_window"))
+            self._check_call(state.grid, total, options.get("sample_sigmas"), first, options.get("context_window"),
+                             at.custom)
         if total is not None:
             self._warn_steps(total, options.get("sample_sigmas"), first)
         token = self._call.set(state)
@@ -194,7 +200,7 @@ class Patch:
             self._warn_unreached(options)
         return out
 
-    def _check_call(self, grid, total: Optional[int], sigmas, first: int, window=None) -> None:
+    def _check_call(self, grid, total: Optional[int], sigmas, first: int, window=None, custom: bool = False) -> None:
         """A plan's checks of the call (:func:`~.patch._call_check`); a refused step count of a sampler running part
         of a schedule says which part, and what its step count is (the KSampler's steps is not, at denoise < 1); a
         refused grid of a call that ComfyUI's context windows made (``window``) says that the model runs a window of
@@ -202,6 +208,8 @@ class Patch:
         try:
             self.call_check(grid, total)
         except ValueError as err:
+            if custom and "the KSampler's steps" in str(err):  # (a custom sampler has none: its sigmas set the steps)
+                err = ValueError(str(err).replace("the KSampler's steps", _CUSTOM_STEPS))
             length = getattr(window, "context_length", None)
             if length is not None and "token grid" in str(err):
                 raise ValueError(f"{err} (this call is one of ComfyUI's context windows, set by a Context Windows "
@@ -210,7 +218,7 @@ class Patch:
                                  "the window's size, or leave the context windows out)") from None
             count = sigmas.numel() - 1 if isinstance(sigmas, torch.Tensor) else None
             if total is None or count is None or count >= total or "steps" not in str(err):
-                raise
+                raise err from None
             raise ValueError(f"{err} (this sampler runs steps {first}-{first + count - 1} of the {total}-step schedule: "
                              "denoise below 1 runs the last steps of int(steps / denoise), KSamplerAdvanced's start/end "
                              "steps or SplitSigmas a part of its steps; a plan's steps are the whole schedule's)") from None

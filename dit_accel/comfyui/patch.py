@@ -84,7 +84,9 @@ def _check_not_patched(model) -> None:
 
 
 def _heads(module) -> Optional[int]:
-    for name in ("num_heads", "heads", "n_heads"):  # (n_heads: AuraFlow's attention modules)
+    # (n_heads: AuraFlow's attention modules; n_local_heads: Lumina 2's, where a plan for another head count ran
+    # unchecked and a PerHead of another count failed at the first sparse step)
+    for name in ("num_heads", "heads", "n_heads", "n_local_heads"):
         value = getattr(module, name, None)
         if is_int(value):
             return int(value)
@@ -181,9 +183,15 @@ def _check_plan_model(method, family, model_name: str, layers, config=None) -> N
     except ValueError as err:
         own = f"this MODEL is ComfyUI's {model_name} ({family.name}; Diffusers' "
         text = re.sub(r"this pipeline's transformer is (\w+):", lambda m: f"{own}{m.group(1)}):", str(err))
-        if text == str(err):
-            raise
-        raise ValueError(f"dit_accel: {text}") from None
+        # (a plan for other layer or head counts was refused in Diffusers' words: "this model has 2", no dit_accel:
+        # prefix, and a PerHead of another head count said no remedy)
+        this = f"this MODEL (ComfyUI's {model_name}, {family.name})"
+        text = (text.replace("this model's layers have", f"the self-attention layers of {this} have")
+                .replace("that layer of this model has", f"that layer of {this} has")
+                .replace("this model has", f"{this} has"))
+        if "calibrate" not in text:
+            text += "; calibrate a plan for this model (dit-accel calibrate)"
+        raise ValueError(f"dit_accel: {text.removeprefix('dit_accel: ')}") from None
     warning = check_model_config(method, config) if config else None
     if warning:
         LOG.warning("dit_accel: %s", warning)

@@ -45,6 +45,7 @@ class StepOf(NamedTuple):
     first: int = 0
     placed: bool = True
     sampler: Optional[str] = None  # a sampler of UNLOOPED, by its ComfyUI name
+    custom: bool = False  # a custom sampler's call (SamplerCustom, SamplerCustomAdvanced: a CFGGuider, no KSampler)
 
 
 class _Stack(NamedTuple):
@@ -121,7 +122,8 @@ def step_of(transformer_options: dict, frame=None, places: Optional["Places"] = 
         column = places.column(sigmas)
         at_or_above = (column[:total] >= value * (1 - 1e-4)).nonzero()
         step = int(at_or_above[-1, 0]) if at_or_above.numel() else 0
-    return StepOf(offset + step, full, value, offset, placed, stack.sampler)
+    custom = stack.ksampler is None and stack.guider is not None
+    return StepOf(offset + step, full, value, offset, placed, stack.sampler, custom)
 
 
 def _part_of(ksampler, start_step, sigmas: torch.Tensor, total: int) -> Tuple[int, int]:
