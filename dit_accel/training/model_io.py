@@ -384,15 +384,16 @@ def image_conditioning_error(config, family: str) -> Optional[str]:
         return None  # (a config that does not say: nothing to compare)
     kind = getattr(config, "image_condition_type", None)
     if ins != outs:
-        what = (f"takes {ins} input channels but predicts {outs}: an image-to-video or inpainting model, whose pipeline "
-                f"fills the other {ins - outs} channels per call (the conditioning image's latents and mask)")
+        what = (f"takes {ins} input channels but predicts {outs}: an image-to-video or inpainting model, whose "
+                f"pipeline fills the other {ins - outs} channels per call (the conditioning image's latents and mask)")
     elif kind:
         what = (f"is an image-to-video model (image_condition_type={kind!r}: its first latent frame is the clean "
                 "conditioning image, which its pipeline puts there per call)")
     else:
         return None
     return (f"fine-tuning trains text-to-video and text-to-image models; this model's transformer {what}, and the "
-            f"trainer does not build that input. Fine-tune the {family} text-to-video (or text-to-image) model instead.")
+            f"trainer does not build that input. Fine-tune the {family} text-to-video (or text-to-image) model "
+            "instead.")
 
 
 def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
