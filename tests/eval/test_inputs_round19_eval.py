@@ -143,7 +143,7 @@ def test_bench_cpu_backward_times_the_sla_pattern_too(capsys):
     assert bench_cpu.main(["--patterns", "band,sla-0.5", "--n", "128", "--block", "64", "--threads", "1",
                            "--rounds", "1", "--no-flex", "--backward"]) == 0
     table = capsys.readouterr().out.split("| pattern |")[-1]
-    assert "| band fwd+bwd |" in table and "| sla-0.5 fwd+bwd | 0.5 | 1 |" in table
+    assert "| band fwd+bwd |" in table and "| sla-0.5 fwd+bwd | 0.500 | 1 |" in table
 
 
 # ------------------------------------------------------------------ --compare: the same prompts in another order
