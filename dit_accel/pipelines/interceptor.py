@@ -17,7 +17,7 @@ from torch.fx.experimental import symbolic_shapes
 from torch.overrides import TorchFunctionMode
 
 from ..kernels.request import in_graph
-from ..plans.plan import Plan
+from ..plans.plan import Plan, token_slices
 from .context import CallContext, lasting_tensors, run_eagerly, tracing
 from .parallel import Split, ring_first_says, run_split
 
@@ -86,9 +86,7 @@ def _hides_video(runtime, key_mask, num_text: int, text_first: bool) -> bool:
     seen = runtime.mask_seen
     if seen is not None and seen[0] == key and seen[1]() is base:
         return seen[2]
-    s = key_mask.shape[-1]
-    video = key_mask[..., num_text:] if text_first else key_mask[..., :s - num_text]
-    hides = not bool(video.all())
+    hides = not bool(key_mask[..., token_slices(key_mask.shape[-1], num_text, text_first)[0]].all())
     runtime.mask_seen = (key, weakref.ref(base), hides)
     return hides
 
@@ -217,11 +215,10 @@ class SDPAInterceptor(TorchFunctionMode):
         it scored a joint-attention family's candidates without them: on tiny-flux, 16 text keys, Tile w1x1 scored
         a relative L2 error of 0.36 where its run's is 0.46)."""
         layer, context = self.layer, self.context
-        sk, num_video = k.shape[2], k.shape[2] - num_text
-        video = slice(num_text, sk) if text_first else slice(0, num_video)
+        sk = k.shape[2]
+        video, text = token_slices(sk, num_text, text_first)
         extra = {}
         if num_text and getattr(layer.report.observer, "takes_text", False):
-            text = slice(0, num_text) if text_first else slice(num_video, sk)
             mask = None if key_mask is None else key_mask.reshape(key_mask.shape[0], sk)[:, text]
             extra["text"] = (k[:, :, text], v[:, :, text], mask)
         layer.report.observer.save(layer.index, layer.name, context.grid, context.step,

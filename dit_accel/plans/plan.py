@@ -41,7 +41,7 @@ from ..kernels.layout import BlockLayout
 from ..kernels.request import forward_ad, in_functorch, in_graph, records_grad, tracing
 from ..kernels.sla import sla_parts_checked
 
-__all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse", "plan_grid"]
+__all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse", "plan_grid", "token_slices"]
 
 # Queries per chunk of the dense text branch: bounds its fp32 score buffer.
 _TEXT_CHUNK = 4096
@@ -198,9 +198,7 @@ class Plan:
             if extra is not None:
                 o_video = o_video + extra
             return (o_video if o_video.dtype == q.dtype else o_video.to(q.dtype)), density
-        s = k.shape[2]
-        video = slice(num_text, s) if text_first else slice(0, s - num_text)
-        text = slice(0, num_text) if text_first else slice(s - num_text, s)
+        video, text = token_slices(k.shape[2], num_text, text_first)
         q_video = q[:, :, video] if text_queries else q
         o_video, lse, extra, density = self.attend(q_video, k[:, :, video], v[:, :, video], scale=scale,
                                                    backend=backend, proj=proj)
@@ -294,11 +292,17 @@ def _check_mask_dtype(name: str, mask: torch.Tensor, q: torch.Tensor) -> None:
                          "mask.float() for a bias")
 
 
+def token_slices(s: int, num_text: int, text_first: bool) -> Tuple[slice, slice]:
+    """``(video, text)``: the slices of a sequence of ``s`` tokens whose ``num_text`` text tokens come first
+    (``text_first``) or last."""
+    return ((slice(num_text, s), slice(0, num_text)) if text_first else
+            (slice(0, s - num_text), slice(s - num_text, s)))
+
+
 def _check_video_keys(key_mask: torch.Tensor, num_text: int, text_first: bool) -> None:
     """ValueError if ``key_mask`` (checked shape) hides a video key or biases one: the sparse part takes no mask,
     so it would be dropped there (one host sync)."""
-    s = key_mask.shape[-1]
-    video = key_mask[..., num_text:] if text_first else key_mask[..., :s - num_text]
+    video = key_mask[..., token_slices(key_mask.shape[-1], num_text, text_first)[0]]
     bad = ~video if video.dtype == torch.bool else video != 0
     if not bool(bad.any()):
         return
